@@ -1,0 +1,189 @@
+"""Typed run configuration: the composed `DictConfig` stops here.
+
+`load_run_config` resolves interpolations, checks every group against its dataclass schema and returns a
+`RunConfig`, failing fast (before any model is built) with an error that names the bad key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+def register_resolvers() -> None:
+    """`${strength:D}`: the top-level `strength` when a sweep sets it, else the objective's own default D."""
+    if not OmegaConf.has_resolver("strength"):
+
+        def strength(default: float, *, _root_: DictConfig) -> float:
+            value = _root_.get("strength")
+            return default if value is None else value
+
+        OmegaConf.register_new_resolver("strength", strength)
+    if not OmegaConf.has_resolver("objective_help"):
+        OmegaConf.register_new_resolver("objective_help", _objective_help)
+
+
+def _objective_help() -> str:
+    """One line per registered objective, for `prefopt train --help`."""
+    from prefopt.objectives import OBJECTIVES
+
+    return "\n".join(f"{name:<9} {spec.description}" for name, spec in OBJECTIVES.items())
+
+
+@dataclass
+class ReferenceFitConfig:
+    max_steps: int = 600  # supervised steps fitting the policy to the task's reference distribution (0: skip)
+    lr: float = 3e-3  # AdamW learning rate of the supervised phase
+    target_kl: float = 0.003  # stop early once KL(pi_ref || pi_theta0) over the candidates is below this
+    max_kl: float = 0.05  # refuse to start preference training when the fit ends above this
+    cache: bool = True  # reuse a fitted reference across runs with the same model, task, fit and seed
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 32  # preference pairs per optimizer step (a smaller dataset gives full-batch steps)
+    micro_batch_size: int | None = None  # pairs per forward pass; None: the whole batch (no accumulation)
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "cosine"  # any transformers scheduler name: constant_with_warmup | linear | cosine
+    warmup_steps: int = 10  # linear warm-up steps before the schedule
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    num_threads: int | None = None  # CPU threads; None: cores / parallel jobs
+    logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    log_every_steps: int = 10
+    value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
+    value_head_width: int = 128  # hidden width of that head
+    save_checkpoint: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
+    reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
+
+
+@dataclass
+class EvalConfig:
+    eval_every_steps: int = 50  # held-out evaluation period in optimizer steps (and always at the end)
+    at_start: bool = True  # also evaluate before training: the reference's own numbers
+    batch_size: int = 512  # pairs per evaluation forward pass
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "prefopt"
+    entity: str | None = None
+    group: str | None = None  # None: the sweep's name in a multirun, no group otherwise
+    tags: list[str] = field(default_factory=list)
+    run_name: str | None = None  # None: objective and overrides
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+
+
+def _schema_merge(schema: type, node: Any, where: str) -> Any:
+    """Merge `node` into the dataclass `schema`, turning OmegaConf errors into ones naming `where.key`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{where}.{key}: {message}") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _named(node: Any, where: str, registry: dict[str, Any], schema_of=lambda entry: entry.config) -> tuple:
+    """Validate a `{name: ..., **options}` group node against the schema its name selects."""
+    options = dict(node)
+    name = options.pop("name", None)
+    if name not in registry:
+        raise ConfigError(f"{where}.name: unknown {where} {name!r}; choose one of {sorted(registry)}")
+    return name, _schema_merge(schema_of(registry[name]), options, where)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, typed. Built objects come from these values, never from the DictConfig."""
+
+    seed: int
+    model_name: str
+    model: Any
+    dataset_name: str
+    dataset: Any
+    objective_name: str
+    objective: Any
+    aux_reward: dict[str, dict]
+    trainer: TrainerConfig
+    eval: EvalConfig
+    logger: LoggerConfig
+    raw: dict  # the fully resolved config, for logging and the run dir
+
+
+KNOWN_TOP_LEVEL = {"seed", "strength", "model", "dataset", "objective", "aux_reward", "trainer", "eval"}
+KNOWN_TOP_LEVEL |= {"logger", "report", "experiment", "hydra", "paths"}
+
+
+def load_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve and validate a composed config; raises ConfigError naming the first bad key."""
+    from prefopt.data import DATASETS
+    from prefopt.modeling import MODELS
+    from prefopt.objectives import OBJECTIVES
+    from prefopt.rewards import AUX_REWARDS
+
+    register_resolvers()
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+    unknown = set(raw) - KNOWN_TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(KNOWN_TOP_LEVEL)}")
+    if not isinstance(raw.get("seed"), int):
+        raise ConfigError(f"seed: expected an integer, got {raw.get('seed')!r}")
+    model_name, model = _named(raw["model"], "model", MODELS)
+    dataset_name, dataset = _named(raw["dataset"], "dataset", DATASETS)
+    objective_name, objective = _named(raw["objective"], "objective", OBJECTIVES)
+    aux_reward = raw.get("aux_reward") or {}
+    for name, options in aux_reward.items():
+        if name not in AUX_REWARDS:
+            raise ConfigError(f"aux_reward.{name}: unknown reward; choose from {sorted(AUX_REWARDS)}")
+        _schema_merge(AUX_REWARDS[name].config, options, f"aux_reward.{name}")
+    trainer = _schema_merge(TrainerConfig, raw["trainer"], "trainer")
+    _check_trainer(trainer)
+    return RunConfig(
+        seed=raw["seed"],
+        model_name=model_name,
+        model=model,
+        dataset_name=dataset_name,
+        dataset=dataset,
+        objective_name=objective_name,
+        objective=objective,
+        aux_reward=aux_reward,
+        trainer=trainer,
+        eval=_schema_merge(EvalConfig, raw["eval"], "eval"),
+        logger=_schema_merge(LoggerConfig, raw["logger"], "logger"),
+        raw=raw,
+    )
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    checks = {
+        "max_steps": trainer.max_steps >= 0,
+        "batch_size": trainer.batch_size >= 1,
+        "micro_batch_size": trainer.micro_batch_size is None or trainer.micro_batch_size >= 1,
+        "lr": trainer.lr > 0,
+        "precision": trainer.precision in {"auto", "fp32", "bf16"},
+        "logps_chunk_tokens": trainer.logps_chunk_tokens >= 1,
+        "log_every_steps": trainer.log_every_steps >= 1,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"trainer.{key}: invalid value {getattr(trainer, key)!r}")

@@ -1,0 +1,169 @@
+"""Token-level data: a table of unique (prompt, response) sequences and batches that index into it.
+
+Every per-sequence quantity the loop caches (reference log-probs, auxiliary rewards) is a tensor indexed by
+sequence id. A batch forwards each distinct sequence once: rows are unique sequence ids, and chosen,
+rejected and side responses (for KL estimators, KTO's mismatched pairs) point at rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class SequenceTable:
+    """Unique prompts, responses and their pairings, tokenized once (responses end with EOS)."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int, max_response_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
+        self.prompt_texts: list[str] = []
+        self.prompt_ids: list[list[int]] = []
+        self.response_texts: list[str] = []
+        self.response_ids: list[list[int]] = []
+        self.sequence_prompt: list[int] = []
+        self.sequence_response: list[int] = []
+        self._prompts: dict[str, int] = {}
+        self._responses: dict[tuple[int, ...], int] = {}
+        self._sequences: dict[tuple[int, int], int] = {}
+
+    def __len__(self) -> int:
+        return len(self.sequence_prompt)
+
+    def prompt(self, text: str) -> int:
+        if text not in self._prompts:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens :]
+            self._prompts[text] = len(self.prompt_ids)
+            self.prompt_texts.append(text)
+            self.prompt_ids.append(ids)
+        return self._prompts[text]
+
+    def response(self, text: str, ids: list[int] | None = None) -> int:
+        """Intern a response; `ids` (already ending with EOS where it ended) skips tokenization."""
+        if ids is None:
+            body = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_response_tokens - 1]
+            ids = body + [self.tokenizer.eos_token_id]
+        key = tuple(ids)
+        if key not in self._responses:
+            self._responses[key] = len(self.response_ids)
+            self.response_texts.append(text)
+            self.response_ids.append(list(ids))
+        return self._responses[key]
+
+    def sequence(self, prompt: int, response: int) -> int:
+        key = (prompt, response)
+        if key not in self._sequences:
+            self._sequences[key] = len(self.sequence_prompt)
+            self.sequence_prompt.append(prompt)
+            self.sequence_response.append(response)
+        return self._sequences[key]
+
+    def add(self, prompt_text: str, response_text: str) -> int:
+        return self.sequence(self.prompt(prompt_text), self.response(response_text))
+
+    def texts(self, sequence_ids: list[int]) -> tuple[list[str], list[str]]:
+        prompts = [self.prompt_texts[self.sequence_prompt[s]] for s in sequence_ids]
+        responses = [self.response_texts[self.sequence_response[s]] for s in sequence_ids]
+        return prompts, responses
+
+    def pad(self, sequence_ids: Tensor) -> PaddedSequences:
+        """Right-padded prompt+response rows; response_mask marks the response tokens."""
+        prompts = [self.prompt_ids[self.sequence_prompt[s]] for s in sequence_ids.tolist()]
+        responses = [self.response_ids[self.sequence_response[s]] for s in sequence_ids.tolist()]
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        response_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for row, (p, r) in enumerate(zip(prompts, responses)):
+            input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+            attention_mask[row, : len(p) + len(r)] = 1
+            response_mask[row, len(p) : len(p) + len(r)] = True
+        prompt_lengths = torch.tensor([len(p) for p in prompts])
+        return PaddedSequences(input_ids, attention_mask, response_mask, prompt_lengths)
+
+
+@dataclass
+class PaddedSequences:
+    input_ids: Tensor  # (R, T)
+    attention_mask: Tensor  # (R, T) 1 on real tokens
+    response_mask: Tensor  # (R, T) True on response tokens (the ones whose log-probs are summed)
+    prompt_lengths: Tensor  # (R,)
+
+    def to(self, device) -> PaddedSequences:
+        tensors = (self.input_ids, self.attention_mask, self.response_mask, self.prompt_lengths)
+        return PaddedSequences(*(t.to(device) for t in tensors))
+
+    @property
+    def response_tokens(self) -> Tensor:  # (R,)
+        return self.response_mask.sum(-1)
+
+
+@dataclass
+class PairSplit:
+    """One split of preference pairs as sequence ids."""
+
+    chosen: Tensor  # (N,) sequence ids
+    rejected: Tensor  # (N,)
+    labels: Tensor  # (N,) P(chosen preferred)
+    prompts: Tensor  # (N,) prompt ids
+    mismatched: Tensor | None = None  # (N,) sequence ids pairing each prompt with another prompt's response
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+@dataclass
+class Batch:
+    """A batch of pairs: unique rows, plus indices saying which row is each pair's chosen/rejected/side."""
+
+    sequence_ids: Tensor  # (R,) the table's ids of the rows
+    rows: PaddedSequences  # (R, T)
+    chosen_rows: Tensor  # (B,)
+    rejected_rows: Tensor  # (B,)
+    labels: Tensor  # (B,)
+    kl_rows: Tensor | None = None  # (M,) side responses for a KL estimator
+    kl_groups: Tensor | None = (
+        None  # (M,) which group (distinct prompt of the batch) each side row belongs to
+    )
+    example_groups: Tensor | None = None  # (B,) group of each pair
+    mismatched_rows: Tensor | None = None  # (B,)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.chosen_rows)
+
+
+def make_batch(
+    table: SequenceTable,
+    split: PairSplit,
+    examples: Tensor,
+    kl_side: dict[int, list[int]] | None,
+    with_mismatched: bool,
+) -> Batch:
+    """Assemble the pairs `examples` of `split`; `kl_side` maps a prompt id to its side sequence ids."""
+    parts = [split.chosen[examples], split.rejected[examples]]
+    kl_sequences = kl_groups = example_groups = None
+    if kl_side is not None:
+        prompt_ids, example_groups = torch.unique(split.prompts[examples], return_inverse=True)
+        sides = [torch.tensor(kl_side[int(p)], dtype=torch.long) for p in prompt_ids]
+        kl_sequences = torch.cat(sides)
+        kl_groups = torch.cat([torch.full((len(s),), g) for g, s in enumerate(sides)])
+        parts.append(kl_sequences)
+    if with_mismatched:
+        parts.append(split.mismatched[examples])
+    sequence_ids, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+    pieces = list(torch.split(inverse, [len(p) for p in parts]))
+    return Batch(
+        sequence_ids=sequence_ids,
+        rows=table.pad(sequence_ids),
+        chosen_rows=pieces[0],
+        rejected_rows=pieces[1],
+        labels=split.labels[examples],
+        kl_rows=pieces[2] if kl_side is not None else None,
+        kl_groups=kl_groups,
+        example_groups=example_groups,
+        mismatched_rows=pieces[-1] if with_mismatched else None,
+    )

@@ -1,0 +1,218 @@
+"""A preference task with a known ground truth, generated from a seed.
+
+Each prompt x has K candidate responses (multi-word text), an optimal policy pi*(.|x) and a reference
+pi_ref(.|x) over them, both given or drawn from a seeded Dirichlet. "Good" prompts have pi_ref = pi*.
+Labels follow Bradley-Terry with the oracle reward r*(x, y) = log pi*(y|x):
+    p*(y1 > y2 | x) = pi*(y1|x) / (pi*(y1|x) + pi*(y2|x)).
+Pairs are drawn as in the EXPO code: (y1, y2) uniform, ties dropped, winner drawn from p*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Candidate words: plain ones and long polysyllabic ones, so readability and length rewards differ.
+PLAIN_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "in",
+    "big",
+    "red",
+    "sun",
+    "and",
+    "is",
+    "it",
+    "was",
+    "we",
+    "go",
+    "see",
+    "yes",
+    "no",
+    "so",
+    "up",
+]
+LONG_WORDS = [
+    "considerable",
+    "extraordinary",
+    "responsibility",
+    "administration",
+    "international",
+    "communication",
+    "understanding",
+    "particularly",
+    "organization",
+    "environmental",
+    "opportunity",
+    "approximately",
+]
+PROMPT_WORDS = ["tell", "me", "about", "."]
+
+
+@dataclass
+class ContextSpec:
+    pi_star: list[float]  # optimal policy over this prompt's candidates
+    pi_ref: list[float] | None = None  # reference over the same candidates; None: equal to pi_star (good)
+
+
+@dataclass
+class SyntheticConfig:
+    num_prompts: int = 16  # ignored when `contexts` is given
+    num_candidates: int = 4  # candidate responses per prompt; ignored when `contexts` is given
+    contexts: list[ContextSpec] | None = None  # explicit pi*/pi_ref per prompt
+    dirichlet_alpha: float = 1.0  # concentration of the Dirichlet drawing pi* and pi_ref
+    good_fraction: float = 0.5  # share of drawn prompts whose reference is already optimal
+    train_draws_per_prompt: int = 200  # pair draws per prompt (ties dropped) for the train split
+    eval_draws_per_prompt: int = 100  # same for the held-out split
+    min_response_words: int = 2
+    max_response_words: int = 5
+    long_word_rate: float = 0.3  # chance a candidate is written in long words
+    marker_word: str = "please"  # a designer-visible marker some candidates start with
+    marker_rate: float = 0.5  # chance a candidate carries the marker
+    max_prompt_tokens: int = 32
+    max_response_tokens: int = 32
+    seed: int | None = None  # task seed; None: the run's seed
+
+
+@dataclass
+class SyntheticTask:
+    prompts: list[str]  # (P,)
+    candidates: list[list[str]]  # (P, K) response texts
+    pi_star: np.ndarray  # (P, K)
+    pi_ref: np.ndarray  # (P, K)
+    good: np.ndarray = field(init=False)  # (P,) pi_ref == pi*
+
+    def __post_init__(self) -> None:
+        self.good = np.all(np.isclose(self.pi_star, self.pi_ref), axis=1)
+        self._index = {
+            (p, y): (i, k) for i, p in enumerate(self.prompts) for k, y in enumerate(self.candidates[i])
+        }
+
+    def preference_probability(self, prompt: int, first: int, second: int) -> float:
+        """p*(y_first > y_second | x) under Bradley-Terry with r* = log pi*."""
+        a, b = self.pi_star[prompt, first], self.pi_star[prompt, second]
+        return float(a / (a + b))
+
+    def sample_pairs(self, draws_per_prompt: int, rng: np.random.Generator) -> np.ndarray:
+        """(N, 3) rows of (prompt, chosen, rejected) candidate indices; ties dropped."""
+        rows = []
+        num_candidates = self.pi_star.shape[1]
+        for prompt in range(len(self.prompts)):
+            first = rng.integers(num_candidates, size=draws_per_prompt)
+            second = rng.integers(num_candidates, size=draws_per_prompt)
+            keep = first != second
+            first, second = first[keep], second[keep]
+            p_first = self.pi_star[prompt, first] / (
+                self.pi_star[prompt, first] + self.pi_star[prompt, second]
+            )
+            first_wins = rng.random(len(first)) < p_first
+            chosen = np.where(first_wins, first, second)
+            rejected = np.where(first_wins, second, first)
+            rows.append(np.stack([np.full_like(chosen, prompt), chosen, rejected], axis=1))
+        return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+
+    def oracle_reward(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """r*(x, y) = log pi*(y|x) for candidate responses; other responses get the worst candidate's."""
+        rewards = []
+        for prompt, response in zip(prompts, responses):
+            if (prompt, response) in self._index:
+                i, k = self._index[(prompt, response)]
+                rewards.append(float(np.log(self.pi_star[i, k])))
+            else:
+                i = self.prompts.index(prompt)
+                rewards.append(float(np.log(self.pi_star[i].min())))
+        return rewards
+
+    def vocabulary(self) -> list[str]:
+        words = {w for p in self.prompts for w in p.split()} | {
+            w for c in self.candidates for y in c for w in y.split()
+        }
+        return sorted(words)
+
+
+def build_task(cfg: SyntheticConfig, seed: int) -> SyntheticTask:
+    rng = np.random.default_rng(seed)
+    if cfg.contexts:
+        pi_star = np.array([c.pi_star for c in cfg.contexts], dtype=np.float64)
+        pi_ref = np.array(
+            [c.pi_ref if c.pi_ref is not None else c.pi_star for c in cfg.contexts], dtype=np.float64
+        )
+    else:
+        shape = (cfg.num_prompts, cfg.num_candidates)
+        pi_star = rng.dirichlet([cfg.dirichlet_alpha] * cfg.num_candidates, size=shape[0])
+        pi_ref = rng.dirichlet([cfg.dirichlet_alpha] * cfg.num_candidates, size=shape[0])
+        good = rng.random(shape[0]) < cfg.good_fraction
+        pi_ref[good] = pi_star[good]
+    _check_distributions(pi_star, "pi_star")
+    _check_distributions(pi_ref, "pi_ref")
+    prompts = [f"tell me about topic{i} ." for i in range(len(pi_star))]
+    candidates = [_distinct_responses(cfg, pi_star.shape[1], rng) for _ in prompts]
+    return SyntheticTask(prompts=prompts, candidates=candidates, pi_star=pi_star, pi_ref=pi_ref)
+
+
+def _check_distributions(table: np.ndarray, name: str) -> None:
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise ValueError(f"dataset.contexts: every {name} needs the same number (>= 2) of candidates")
+    for i, row in enumerate(table):
+        if np.any(row <= 0) or not np.isclose(row.sum(), 1.0, atol=1e-6):
+            raise ValueError(
+                f"dataset.contexts[{i}].{name}: must be positive and sum to 1, got {row.tolist()}"
+            )
+
+
+def _distinct_responses(cfg: SyntheticConfig, count: int, rng: np.random.Generator) -> list[str]:
+    responses: list[str] = []
+    while len(responses) < count:
+        words = LONG_WORDS if rng.random() < cfg.long_word_rate else PLAIN_WORDS
+        length = int(rng.integers(cfg.min_response_words, cfg.max_response_words + 1))
+        text = " ".join(rng.choice(words, size=length))
+        if cfg.marker_word and rng.random() < cfg.marker_rate:
+            text = f"{cfg.marker_word} {text}"
+        if text not in responses:
+            responses.append(text)
+    return responses
+
+
+def exact_metrics(task: SyntheticTask, policy_logps, reference_logps, aux_rewards=None) -> dict[str, float]:
+    """Ground-truth metrics by enumerating each prompt's candidates (torch tensors, all (P, K)).
+
+    pi_theta and pi_ref below are the models' sequence probabilities renormalised over the candidates;
+    `outside_mass` is what the policy puts on other sequences.
+      kl_star          KL(pi* || pi_theta), mean over all / good / bad prompts
+      kl_policy_reference  KL(pi_theta || pi_ref)
+      oracle_reward    E_{y ~ pi_theta} r*(x, y), r* = log pi*
+      win_rate         sum_{y, y'} pi_theta(y) pi_ref(y') p*(y > y'), a tie counting 1/2
+      aux_reward       E_{y ~ pi_theta} R(x, y)
+    """
+    import torch
+
+    pi_star = torch.as_tensor(task.pi_star, dtype=torch.float64)
+    log_policy = torch.log_softmax(policy_logps.double().cpu(), dim=-1)
+    log_reference = torch.log_softmax(reference_logps.double().cpu(), dim=-1)
+    policy, reference = log_policy.exp(), log_reference.exp()
+    kl_star = (pi_star * (pi_star.log() - log_policy)).sum(-1)
+    preference = pi_star[:, :, None] / (pi_star[:, :, None] + pi_star[:, None, :])  # (P, K, K) p*(y_i > y_j)
+    per_prompt = {
+        "kl_star": kl_star,
+        "kl_policy_reference": (policy * (log_policy - log_reference)).sum(-1),
+        "oracle_reward": (policy * pi_star.log()).sum(-1),
+        "win_rate": torch.einsum("pi,pj,pij->p", policy, reference, preference),
+        "outside_mass": 1.0 - policy_logps.double().cpu().exp().sum(-1),
+    }
+    if aux_rewards is not None:
+        per_prompt["aux_reward"] = (policy * aux_rewards.double().cpu()).sum(-1)
+    metrics = {name: float(values.mean()) for name, values in per_prompt.items()}
+    good = torch.as_tensor(task.good)
+    for subset, mask in (("good", good), ("bad", ~good)):
+        if mask.any():
+            metrics[f"kl_star_{subset}"] = float(kl_star[mask].mean())
+    for p in range(policy.shape[0]):
+        for k in range(policy.shape[1]):
+            metrics[f"pi_theta/p{p}/y{k}"] = float(policy[p, k])
+    return metrics

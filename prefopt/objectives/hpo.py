@@ -1,0 +1,135 @@
+"""HPO: Hybrid Preference Optimization (DPO/KTO + advantage-weighted auxiliary-reward regression).
+
+Badrinath, Agarwal and Xu, "Hybrid Preference Optimization: Augmenting Direct Preference Optimization
+with Auxiliary Objectives", arXiv 2405.17956 (2024). With an offline auxiliary reward R(x, y) and a value
+head V(x) owned by the loop:
+
+    L       = L_base + gamma L_actor + value_coef L_value                         # (B,)
+    L_base  = cDPO on logits beta h - alpha (R_w - R_l)      (base=dpo; alpha = margin_alpha)
+            | paired KTO                                      (base=kto)
+    A(y)    = R(x, y) - V(x),  w(y) = sg(min(exp(adv_temperature A(y)), max_weight))
+    L_actor = -mean_{y in (y_w, y_l)} w(y) lp(y) / |y|      (0 while step < actor_warmup_steps)
+    L_value = mean_{y in (y_w, y_l)} |tau - 1(A(y) < 0)| A(y)^2   (tau = expectile; grads reach V only)
+
+The margin form corrects the paper's printed sign typo. Terms with a zero coefficient are not added, so
+gamma = value_coef = margin_alpha = 0 reproduces the base loss exactly. Implied rewards: the base's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prefopt.objectives import dpo, kto
+from prefopt.objectives.base import (
+    Extras,
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    PairLogps,
+    Requirements,
+)
+
+BASES = ("dpo", "kto")
+
+
+@dataclass
+class HPOConfig(ObjectiveConfig):
+    base: str = "dpo"
+    """Base preference loss: dpo | kto."""
+    beta: float = 0.1
+    """Inverse temperature of the base loss's implicit reward."""
+    label_smoothing: float = 0.0
+    """cDPO label smoothing of the dpo base, in [0, 0.5)."""
+    margin_alpha: float = 0.0
+    """alpha: auxiliary-reward margin inside the dpo base, beta h - alpha (R_w - R_l); dpo base only."""
+    desirable_weight: float = 1.0
+    """KTO base: weight on the chosen (desirable) response losses."""
+    undesirable_weight: float = 1.0
+    """KTO base: weight on the rejected (undesirable) response losses."""
+    gamma: float = 0.5
+    """Weight of the advantage-weighted actor (regression) loss."""
+    adv_temperature: float = 5.0
+    """lambda in the actor weight exp(lambda (R - V))."""
+    value_coef: float = 0.1
+    """Weight of the value head's expectile loss."""
+    expectile: float = 0.7
+    """tau in (0, 1) of the value head's expectile regression (0.5 = mean regression)."""
+    actor_warmup_steps: int = 100
+    """Optimizer steps with the actor loss off, so that V can fit first."""
+    max_weight: float | None = None
+    """Upper clamp on the actor weight exp(lambda A); None leaves it unclipped, as in the paper."""
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
+        if self.margin_alpha != 0 and self.base != "dpo":
+            raise ValueError(f"margin_alpha applies to base=dpo only; got margin_alpha={self.margin_alpha}")
+        if not 0.0 < self.expectile < 1.0:
+            raise ValueError(f"expectile must be in (0, 1), got {self.expectile}")
+        dpo.DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing)  # validates both
+
+    def requirements(self) -> Requirements:
+        return Requirements(reference=True, aux_reward=True, value_head=True, mismatched=self.base == "kto")
+
+
+def expectile_loss(residuals: Tensor, expectile: float) -> Tensor:
+    """IQL expectile regression |tau - 1(u < 0)| u^2, elementwise; u = R - V, any shape."""
+    return torch.abs(expectile - (residuals < 0).to(residuals.dtype)) * residuals**2
+
+
+def loss(
+    policy: PairLogps,
+    reference: PairLogps | None,
+    extras: Extras,
+    *,
+    base: str,
+    beta: float,
+    label_smoothing: float,
+    margin_alpha: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    gamma: float,
+    adv_temperature: float,
+    value_coef: float,
+    expectile: float,
+    actor_warmup_steps: int,
+    max_weight: float | None,
+) -> ObjectiveOutput:
+    """HPO loss (see the module docstring); log-probs, aux rewards, values (B,) -> losses (B,)."""
+    if extras.aux_chosen is None or extras.aux_rejected is None or extras.values is None:
+        raise ValueError("hpo needs Extras.aux_chosen, aux_rejected (aux_reward) and values (value_head)")
+    R = torch.stack([extras.aux_chosen, extras.aux_rejected], dim=-1)  # (B, 2)
+    if base == "kto":
+        kw = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        out = kto.loss(policy, reference, extras, **kw)
+    else:
+        margin = margin_alpha * (R[:, 0] - R[:, 1]) if margin_alpha else None  # (B,) or None
+        out = dpo.pair_output(policy, reference, beta=beta, label_smoothing=label_smoothing, margin=margin)
+    V = extras.values.unsqueeze(-1)  # (B, 1)
+    adv = R - V.detach()  # (B, 2) the actor weight passes no gradient to V
+    w = torch.exp(adv_temperature * adv)
+    w = (w if max_weight is None else w.clamp(max=max_weight)).detach()  # (B, 2)
+    lp = torch.stack([policy.chosen, policy.rejected], dim=-1)  # (B, 2)
+    tokens = torch.stack([extras.chosen_tokens, extras.rejected_tokens], dim=-1)  # (B, 2)
+    actor = -(w * lp / tokens).mean(-1)  # (B,)
+    if extras.step < actor_warmup_steps:
+        actor = torch.zeros_like(actor)
+    value = expectile_loss(R - V, expectile).mean(-1)  # (B,) the only path from the loss into V
+    losses = out.losses
+    if gamma:  # skipped at 0 so the base loss is reproduced exactly
+        losses = losses + gamma * actor
+    if value_coef:
+        losses = losses + value_coef * value
+    metrics = dict(out.metrics, base_loss=out.losses.detach(), actor_loss=actor.detach())
+    metrics.update(value_loss=value.detach(), advantage=adv.mean(-1), actor_weight=w.mean(-1))
+    return ObjectiveOutput(losses, out.chosen_rewards, out.rejected_rewards, metrics)
+
+
+OBJECTIVE = Objective(
+    loss=loss,
+    config=HPOConfig,
+    description="HPO: L_base(dpo|kto; margin alpha dR) + gamma AWR(w = exp(lambda (R - V))) + c_v expectile",
+)

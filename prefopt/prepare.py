@@ -1,0 +1,189 @@
+"""Everything built once per run, in order: text data, auxiliary rewards, model and tokenizer, token
+tables, the supervised reference fit, the frozen reference, and the per-sequence caches the loop reads
+(reference log-probs, auxiliary rewards, side sequences for KL estimators)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prefopt.config import RunConfig
+from prefopt.data import DATASETS, TextData
+from prefopt.data.batching import PairSplit, SequenceTable
+from prefopt.data.preference import TextPairs
+from prefopt.data.synthetic import SyntheticTask
+from prefopt.logps import model_logps
+from prefopt.modeling import MODELS, load_reference
+from prefopt.objectives import OBJECTIVES
+from prefopt.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
+from prefopt.rewards import build_aux_reward, score_responses
+from prefopt.step import LossInputs
+from prefopt.value_head import ValueHead
+
+
+@dataclass
+class PreparedRun:
+    policy: torch.nn.Module
+    tokenizer: object
+    table: SequenceTable
+    train: PairSplit
+    eval: PairSplit
+    task: SyntheticTask | None
+    candidates: Tensor | None  # (P, K) sequence ids of each task prompt's candidates
+    kl_side: dict[int, list[int]] | None  # prompt id -> side sequence ids for the KL estimator
+    inputs: LossInputs
+    reference_fit: dict | None
+
+
+def prepare(rc: RunConfig, device) -> PreparedRun:
+    text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
+    aux_reward = build_aux_reward(rc.aux_reward, text.task)  # fails on a bad reward before the model loads
+    needs = rc.objective.requirements()
+    kl_estimator = getattr(rc.objective, "kl_estimator", None) if needs.kl else None
+    if kl_estimator == "exact" and text.task is None:
+        raise ValueError("objective.kl_estimator=exact needs an enumerable response set (dataset=synthetic)")
+    torch.manual_seed(rc.seed)
+    policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
+    policy.to(device)
+    table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens)
+    train, held_out = _split(table, text.train), _split(table, text.eval)
+    candidates = _candidates(table, text.task) if text.task is not None else None
+    if needs.mismatched:
+        for split in (train, held_out):
+            split.mismatched = _mismatched(table, split, rc.seed)
+
+    fit_report = None
+    if text.task is not None and rc.trainer.reference_fit.max_steps > 0:
+        fit_report = _fit_reference(rc, policy, table, candidates, text.task, device)
+    reference = _reference(rc, policy, device)
+    kl_side = None
+    if kl_estimator == "exact":
+        kl_side = {int(table.prompt(p)): candidates[i].tolist() for i, p in enumerate(text.task.prompts)}
+    elif kl_estimator == "samples":
+        kl_side = _reference_samples(reference, table, rc.objective.kl_samples_per_prompt, rc.seed, device)
+
+    chunk = rc.trainer.logps_chunk_tokens
+    reference_logps = _all_sequence_logps(reference, table, chunk, device)
+    aux_rewards = None
+    if aux_reward is not None:
+        prompts, responses = table.texts(list(range(len(table))))
+        scores = score_responses(aux_reward, prompts, responses)
+        aux_rewards = torch.as_tensor(scores, dtype=torch.float32, device=device)
+    elif needs.aux_reward:
+        raise ValueError(f"objective={rc.objective_name} needs an auxiliary reward: set aux_reward=<name>")
+    value_head = None
+    if needs.value_head:
+        value_head = ValueHead(policy.config.hidden_size, rc.trainer.value_head_width).to(device)
+    inputs = LossInputs(
+        objective=OBJECTIVES[rc.objective_name],
+        hparams=rc.objective,
+        reference_logps=reference_logps,
+        aux_rewards=aux_rewards,
+        reference_model=reference if kl_estimator == "token" else None,
+        value_head=value_head,
+        kl_estimator=kl_estimator,
+        chunk_tokens=chunk,
+    )
+    return PreparedRun(
+        policy, tokenizer, table, train, held_out, text.task, candidates, kl_side, inputs, fit_report
+    )
+
+
+def _vocabulary(text: TextData) -> list[str]:
+    if text.task is not None:
+        return text.task.vocabulary()
+    pairs = (text.train, text.eval)
+    return sorted(
+        {w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in t.split()}
+    )
+
+
+def _split(table: SequenceTable, pairs: TextPairs) -> PairSplit:
+    prompts = [table.prompt(p) for p in pairs.prompts]
+    chosen = [table.sequence(p, table.response(y)) for p, y in zip(prompts, pairs.chosen)]
+    rejected = [table.sequence(p, table.response(y)) for p, y in zip(prompts, pairs.rejected)]
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return PairSplit(as_long(chosen), as_long(rejected), torch.tensor(pairs.labels), as_long(prompts))
+
+
+def _candidates(table: SequenceTable, task: SyntheticTask) -> Tensor:
+    return torch.tensor([[table.add(p, y) for y in ys] for p, ys in zip(task.prompts, task.candidates)])
+
+
+def _mismatched(table: SequenceTable, split: PairSplit, seed: int) -> Tensor:
+    """Pair each example's prompt with the chosen response of a random example of another prompt (KTO's z)."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    sequences = []
+    for i in range(len(split)):
+        j = next((int(k) for k in order.roll(-i) if split.prompts[k] != split.prompts[i]), int(order[i]))
+        response = table.sequence_response[int(split.chosen[j])]
+        sequences.append(table.sequence(int(split.prompts[i]), response))
+    return torch.tensor(sequences, dtype=torch.long)
+
+
+def _fit_reference(rc: RunConfig, policy, table, candidates, task: SyntheticTask, device) -> dict:
+    cfg = rc.trainer.reference_fit
+    key = cache_key(rc.raw["model"], rc.raw["dataset"], vars(cfg), rc.seed, task.vocabulary())
+    report = load_cached(policy, key) if cfg.cache else None
+    if report is None:
+        target = torch.as_tensor(task.pi_ref, dtype=torch.float32)
+        report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
+        if cfg.cache and report["kl"] <= cfg.max_kl:
+            store_cached(policy, key, report)
+    check_fit(report, cfg)
+    print(
+        f"[prefopt] reference fit: KL(pi_ref || pi_theta0) = {report['kl']:.5f}, "
+        f"mass outside candidates = {report['outside_mass']:.4f}, {report['steps']} steps"
+        f"{' (cached)' if report['cached'] else ''}"
+    )
+    return report
+
+
+def _reference(rc: RunConfig, policy, device):
+    path = getattr(rc.model, "reference_name_or_path", None)
+    reference = load_reference(path).to(device) if path else copy.deepcopy(policy)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@torch.no_grad()
+def _all_sequence_logps(
+    model, table: SequenceTable, chunk_tokens: int, device, rows_per_pass: int = 256
+) -> Tensor:
+    ids = torch.arange(len(table))
+    parts = [
+        model_logps(model, table.pad(part).to(device), chunk_tokens) for part in ids.split(rows_per_pass)
+    ]
+    return torch.cat(parts).float()
+
+
+@torch.no_grad()
+def _reference_samples(
+    reference, table: SequenceTable, per_prompt: int, seed: int, device
+) -> dict[int, list[int]]:
+    """Sample `per_prompt` responses per prompt from the frozen reference, once; they join the table."""
+    torch.manual_seed(seed)
+    eos, side = table.tokenizer.eos_token_id, {}
+    for prompt_id, prompt_ids in enumerate(list(table.prompt_ids)):
+        prompt = torch.tensor([prompt_ids], device=device)
+        generated = reference.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=table.max_response_tokens,
+            num_return_sequences=per_prompt,
+            pad_token_id=table.tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )[:, prompt.shape[1] :]
+        side[prompt_id] = []
+        for row in generated.tolist():
+            ids = row[: row.index(eos) + 1] if eos in row else row
+            text = table.tokenizer.decode(ids, skip_special_tokens=True)
+            side[prompt_id].append(table.sequence(prompt_id, table.response(text, ids=ids)))
+    return side

@@ -1,0 +1,123 @@
+"""One forward pass over a batch of pairs: log-probs, the inputs the objective declared, the loss.
+
+Shared by training and evaluation. `LossInputs` holds what is built once per run (cached reference
+log-probs, cached auxiliary rewards, the value head); `pair_loss` never looks at the objective's name,
+only at its `Requirements`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from prefopt.data.batching import Batch
+from prefopt.kl import KL_ESTIMATORS
+from prefopt.logps import hidden_states, sequence_logps, token_kl
+from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
+from prefopt.value_head import last_prompt_hidden
+
+
+@dataclass
+class LossInputs:
+    objective: Objective
+    hparams: ObjectiveConfig
+    reference_logps: Tensor | None  # (S,) per table sequence, on device
+    aux_rewards: Tensor | None  # (S,) R(x, y) per table sequence, on device
+    reference_model: nn.Module | None = None  # live frozen reference (token-level KL only)
+    value_head: nn.Module | None = None
+    kl_estimator: str | None = None  # exact | samples | token, when the objective needs a KL
+    chunk_tokens: int = 2048
+
+
+def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, device) -> tuple[Tensor, dict]:
+    """Returns the summed per-example loss (for `/ pairs in the step`) and summed per-example metrics."""
+    needs = inputs.hparams.requirements()
+    rows = batch.rows.to(device)
+    hidden = hidden_states(policy, rows)  # (R, T, D)
+    logps = sequence_logps(policy.get_output_embeddings(), hidden, rows, inputs.chunk_tokens)  # (R,)
+    chosen, rejected = batch.chosen_rows.to(device), batch.rejected_rows.to(device)
+    policy_pairs = PairLogps(logps[chosen], logps[rejected])
+    row_reference = (
+        inputs.reference_logps[batch.sequence_ids.to(device)] if inputs.reference_logps is not None else None
+    )
+    reference_pairs = PairLogps(row_reference[chosen], row_reference[rejected]) if needs.reference else None
+    tokens = rows.response_tokens.float()
+    extras = Extras(
+        chosen_tokens=tokens[chosen],
+        rejected_tokens=tokens[rejected],
+        labels=batch.labels.to(device),
+        step=step,
+        kl=_kl(policy, hidden, logps, row_reference, rows, batch, inputs, device) if needs.kl else None,
+        mismatched_logratios=_mismatched(logps, row_reference, batch, device) if needs.mismatched else None,
+        aux_chosen=_rows_of(inputs.aux_rewards, batch, chosen, device) if needs.aux_reward else None,
+        aux_rejected=_rows_of(inputs.aux_rewards, batch, rejected, device) if needs.aux_reward else None,
+        values=inputs.value_head(last_prompt_hidden(hidden, rows.prompt_lengths, chosen))
+        if needs.value_head
+        else None,
+    )
+    output = inputs.objective.loss(policy_pairs, reference_pairs, extras, **inputs.hparams.loss_kwargs())
+    return output.losses.sum(), _metric_sums(output, policy_pairs, extras, inputs, batch, device)
+
+
+def _rows_of(per_sequence: Tensor, batch: Batch, rows: Tensor, device) -> Tensor:
+    return per_sequence[batch.sequence_ids.to(device)][rows]
+
+
+def _mismatched(logps: Tensor, row_reference: Tensor, batch: Batch, device) -> Tensor:
+    rows = batch.mismatched_rows.to(device)
+    return logps[rows] - row_reference[rows]
+
+
+def _kl(policy, hidden, logps, row_reference, rows, batch: Batch, inputs: LossInputs, device) -> Tensor:
+    """(B,) estimate of KL(pi_ref(.|x) || pi_theta(.|x)) for each pair's prompt."""
+    if inputs.kl_estimator == "token":  # over the pair's own responses, full vocabulary per position
+        with torch.no_grad():
+            reference_hidden = hidden_states(inputs.reference_model, rows)
+        per_row = token_kl(
+            policy.get_output_embeddings(),
+            hidden,
+            inputs.reference_model.get_output_embeddings(),
+            reference_hidden,
+            rows,
+            inputs.chunk_tokens,
+        )
+        return 0.5 * (per_row[batch.chosen_rows.to(device)] + per_row[batch.rejected_rows.to(device)])
+    side, groups = batch.kl_rows.to(device), batch.kl_groups.to(device)
+    estimate = KL_ESTIMATORS[inputs.kl_estimator]
+    per_group = estimate(logps[side], row_reference[side], groups, int(groups.max()) + 1)
+    return per_group[batch.example_groups.to(device)]
+
+
+def _metric_sums(
+    output: ObjectiveOutput, policy: PairLogps, extras: Extras, inputs: LossInputs, batch: Batch, device
+) -> dict[str, float]:
+    """Metric totals over the batch's pairs, so accumulation and evaluation average them exactly."""
+    count = batch.num_pairs
+    chosen_rewards, rejected_rewards = output.chosen_rewards.detach(), output.rejected_rewards.detach()
+    per_example = {
+        "loss": output.losses.detach(),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float()
+        + 0.5 * (chosen_rewards == rejected_rewards).float(),
+        "logps/chosen": policy.chosen.detach(),
+        "logps/rejected": policy.rejected.detach(),
+    }
+    if inputs.aux_rewards is not None:
+        per_example["aux_reward/chosen"] = _rows_of(
+            inputs.aux_rewards, batch, batch.chosen_rows.to(device), device
+        )
+        per_example["aux_reward/rejected"] = _rows_of(
+            inputs.aux_rewards, batch, batch.rejected_rows.to(device), device
+        )
+    for name, value in output.metrics.items():
+        value = value.detach()
+        per_example[name] = value if value.dim() else value.expand(count)
+    sums = defaultdict(float)
+    for name, value in per_example.items():
+        sums[name] += float(value.float().sum())
+    return dict(sums)
