@@ -54,7 +54,7 @@ def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, de
         mismatched_logratios=_mismatched(logps, row_reference, batch, device) if needs.mismatched else None,
         aux_chosen=_rows_of(inputs.aux_rewards, batch, chosen, device) if needs.aux_reward else None,
         aux_rejected=_rows_of(inputs.aux_rewards, batch, rejected, device) if needs.aux_reward else None,
-        values=inputs.value_head(last_prompt_hidden(hidden, rows.prompt_lengths, chosen))
+        values=inputs.value_head(last_prompt_hidden(hidden, rows.prompt_lengths[chosen], chosen))
         if needs.value_head
         else None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 import traceback
 from collections import defaultdict
@@ -17,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import RunConfig, load_run_config
+from prefopt.config import ConfigError, RunConfig, load_run_config
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -182,7 +183,11 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    rc = load_run_config(cfg)  # fails fast, before any model is built
+    try:
+        rc = load_run_config(cfg)  # fails fast, before any model is built
+    except ConfigError as error:
+        print(f"prefopt: config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     group, parallel_jobs = _sweep_context()
     try:
         summary = train(rc, run_dir, group, parallel_jobs)

@@ -1,0 +1,55 @@
+"""Shared helpers: compose the real config, run the real loop in-process on a very small model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from prefopt.config import load_run_config, register_resolvers
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
+
+# A few-second run: a 2-layer width-32 Llama on 6 prompts x 3 candidates.
+FAST_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64"]
+FAST = [
+    "logger=none",
+    "dataset.num_prompts=6",
+    "dataset.num_candidates=3",
+    "dataset.train_draws_per_prompt=60",
+    "dataset.eval_draws_per_prompt=60",
+    "trainer.max_steps=10",
+    "trainer.reference_fit.lr=1e-2",
+    "trainer.reference_fit.max_kl=0.2",
+    "eval.eval_every_steps=5",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Fitted references are cached per test session, never in the user's ~/.cache."""
+    os.environ["PREFOPT_CACHE"] = str(tmp_path_factory.mktemp("prefopt-cache"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run_training(run_dir: Path, *overrides: str, tiny_model: bool = True) -> dict:
+    """Train in-process through the real loop on the FAST settings; returns summary.json's content."""
+    from prefopt.train import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rc = load_run_config(compose_config(*FAST, *(FAST_MODEL if tiny_model else []), *overrides))
+    return train(rc, run_dir)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
