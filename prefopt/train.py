@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
 
+HEADLINE = ["eval/rewards/accuracies", "eval/win_rate", "eval/kl_star", "eval/aux_reward"]
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -202,5 +203,7 @@ def main(cfg: DictConfig) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(failed, indent=1))
         raise
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"[prefopt] run dir: {run_dir}")
+    final = summary["final_eval"]
+    headline = ", ".join(f"{k.removeprefix('eval/')}={final[k]:.4g}" for k in HEADLINE if k in final)
+    print(f"[prefopt] finished {_run_name(rc)} in {summary['runtime_s']:.0f} s: {headline}; run dir: {run_dir}")
     return summary

@@ -12,47 +12,17 @@ with Extras.kl = KL(pi_ref || pi_theta) from `prefopt.kl.exact_kl` (the same for
 is E[BT] + lam KL). L-BFGS from the uniform policy finds the minimizer.
 """
 
-import itertools
-
 import pytest
 import torch
 
-from prefopt.kl import exact_kl
-from prefopt.objectives import OBJECTIVES, Extras, PairLogps
+from prefopt.population import population_minimizer
 
 GOOD = ([0.6, 0.3, 0.1], [0.6, 0.3, 0.1])  # (pi*, pi_ref): the reference is already right
 BAD = ([0.6, 0.2, 0.2], [0.4, 0.2, 0.4])
-CHOSEN, REJECTED = (torch.tensor(ix) for ix in zip(*itertools.permutations(range(3), 2)))  # (6,), (6,)
 
 
 def f64(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
-
-
-def population_minimizer(name: str, pi_star: list[float], pi_ref: list[float], **hparams) -> torch.Tensor:
-    """argmin over softmax policies of the exact population loss of OBJECTIVES[name]: pi_theta (3,)."""
-    p_star, ref_logps = f64(pi_star), f64(pi_ref).log()
-    weights = p_star[CHOSEN] / (p_star[CHOSEN] + p_star[REJECTED]) / 3  # (6,) sums to 1
-    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [theta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logps = torch.log_softmax(theta, 0)  # (3,)
-        kl = exact_kl(logps, ref_logps, torch.zeros(3, dtype=torch.long), 1).expand(6)
-        ones = torch.ones(6, dtype=torch.float64)
-        extras = Extras(chosen_tokens=ones, rejected_tokens=ones, labels=ones, kl=kl)
-        policy = PairLogps(logps[CHOSEN], logps[REJECTED])
-        reference = PairLogps(ref_logps[CHOSEN], ref_logps[REJECTED])
-        loss = (weights * OBJECTIVES[name].loss(policy, reference, extras, **hparams).losses).sum()
-        loss.backward()
-        return loss
-
-    for _ in range(3):
-        opt.step(closure)
-    return torch.softmax(theta.detach(), 0)
 
 
 def kl_to(pi_star: list[float], pi: torch.Tensor) -> float:

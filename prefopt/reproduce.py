@@ -1,0 +1,112 @@
+"""`make reproduce`: rerun the papers' experiments, report each sweep, and check them against theory.
+
+    python -m prefopt.reproduce [--out outputs/reproduce] [--only NAME ...] [override ...]
+
+Each experiment is a `conf/experiment/*.yaml` swept through the real CLI (parallel local launcher); its
+sweep dir gets `prefopt report`'s files, and `<out>/REPORT.md` gathers them with a comparison of the
+EXPO toy results against the infinite-data minimizers of each objective (`prefopt.population`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from prefopt.population import kl_divergence, population_minimizer, strength_key
+from prefopt.report import write_report
+
+# experiment -> the sweeps it runs (extra overrides each); the swept values live in the experiment file.
+EXPERIMENTS: dict[str, list[list[str]]] = {
+    "expo_preservation": [[]],
+    "expo_interpolation": [[]],
+    "hpo_aux": [
+        ["objective=dpo"],
+        ["objective=hpo", "objective.gamma=0,0.25,0.5,1", "objective.actor_warmup_steps=50"],
+    ],
+}
+
+
+def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
+    sweep_dir = out / name
+    for index, extra in enumerate(EXPERIMENTS[name]):
+        command = [sys.executable, "-m", "prefopt", "train", "-m", f"+experiment={name}",
+                   f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir={index}_${{hydra.job.num}}", *extra, *overrides]
+        print(f"[reproduce] {name}: {' '.join(command[3:])}", flush=True)
+        subprocess.run(command, check=True)
+    return write_report(sweep_dir)
+
+
+def theory_check(sweep_dir: Path) -> list[str]:
+    """Measured KL(pi* || pi_theta) or pi_theta against the infinite-data minimizer, per objective and strength."""
+    runs = pd.read_csv(sweep_dir / "runs.csv")
+    runs = runs[runs["status"] == "completed"]
+    config = OmegaConf.load(next(sweep_dir.glob("*/.hydra/config.yaml")))
+    contexts = [(list(c.pi_star), list(c.pi_ref if c.pi_ref is not None else c.pi_star)) for c in config.dataset.contexts]
+    lines = ["| objective | strength | context | measured (mean ± std, n) | infinite data | within 2 std + 0.01 |",
+             "|---|---|---|---|---|---|"]
+    agree = total = 0
+    for (objective, strength), group in runs.groupby(["objective", "strength"]):
+        for index, (pi_star, pi_ref) in enumerate(contexts):
+            minimizer = population_minimizer(objective, pi_star, pi_ref, **{strength_key(objective): float(strength)})
+            label = ("good" if pi_star == pi_ref else "bad") if len(contexts) > 1 else "single"
+            if len(contexts) > 1:  # preservation: compare KL(pi* || pi_theta)
+                measured = group[f"eval/kl_star_{label}"]
+                expected = kl_divergence(pi_star, minimizer)
+            else:  # interpolation: compare pi_theta(y_a), the best response's probability
+                measured = group[f"eval/pi_theta/p{index}/y0"]
+                expected = float(minimizer[0])
+            ok = abs(measured.mean() - expected) <= 2 * measured.std(ddof=1) + 0.01
+            agree, total = agree + ok, total + 1
+            lines.append(f"| {objective} | {strength:g} | {label} | {measured.mean():.4g} ± {measured.std(ddof=1):.2g}"
+                         f" (n={len(measured)}) | {expected:.4g} | {'yes' if ok else '**no**'} |")
+    quantity = "KL(pi* || pi_theta)" if len(contexts) > 1 else "pi_theta(y_a)"
+    return [f"{quantity}: {agree} of {total} cells agree with the infinite-data minimizer within 2 std over seeds + 0.01.",
+            "", *lines]
+
+
+def _embed(report: Path, name: str) -> str:
+    """A sub-report's Markdown with its image links made relative to the top folder."""
+    text = report.read_text()
+    text = re.sub(r"\]\((?!https?:)([^)]+\.png)\)", lambda m: f"]({name}/{m.group(1)})", text)
+    return re.sub(r"^#", "##", text, flags=re.MULTILINE)
+
+
+EXPLANATION = """Where a cell disagrees, the usual causes are (1) finite data: ~270 (preservation) or ~200
+(interpolation) sampled pairs give empirical preference rates that differ from p*, so the trained policy
+minimizes the empirical, not the population, loss; and (2) finite training: DPO, IPO and f-DPO at small
+strength have minimizers on the edge of the simplex (pi_theta(y) -> 0), reachable only with unbounded
+logits, so 150 steps stop short of the infinite-data KL (which grows like 1/strength). The sign and
+ordering of the effects (EXPO flat near 0 on the good context for every strength; DPO/IPO moving away as
+the strength shrinks) are the claims under test."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prefopt.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
+    parser.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="repeat to pick several")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. logger=none")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    sections = ["# prefopt: reproduced experiments", ""]
+    for name in args.only or list(EXPERIMENTS):
+        report = run_experiment(name, args.out, args.overrides)
+        sections += [_embed(report, name), ""]
+        if name.startswith("expo_"):
+            sections += [f"### {name}: against the infinite-data minimizers", "", *theory_check(report.parent), ""]
+    sections += ["## Reading the theory checks", "", EXPLANATION, "",
+                 f"Total wall time: {time.perf_counter() - started:.0f} s."]
+    path = args.out / "REPORT.md"
+    path.write_text("\n".join(sections) + "\n")
+    print(f"[reproduce] report: {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
