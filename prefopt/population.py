@@ -26,7 +26,10 @@ def strength_key(name: str) -> str:
 
 def population_minimizer(name: str, pi_star: list[float], pi_ref: list[float], **hparams) -> torch.Tensor:
     """argmin over softmax policies of the exact population loss of OBJECTIVES[name]: pi_theta (K,)."""
-    p_star, ref_logps = torch.tensor(pi_star, dtype=torch.float64), torch.tensor(pi_ref, dtype=torch.float64).log()
+    p_star, ref_logps = (
+        torch.tensor(pi_star, dtype=torch.float64),
+        torch.tensor(pi_ref, dtype=torch.float64).log(),
+    )
     k = len(pi_star)
     chosen, rejected = (torch.tensor(ix) for ix in zip(*itertools.permutations(range(k), 2)))
     weights = 2 * p_star[chosen] / (p_star[chosen] + p_star[rejected]) / (k * (k - 1))  # sums to 1
@@ -44,7 +47,9 @@ def population_minimizer(name: str, pi_star: list[float], pi_ref: list[float], *
         extras = Extras(chosen_tokens=rows, rejected_tokens=rows, labels=rows, kl=kl)
         policy = PairLogps(logps[chosen], logps[rejected])
         reference = PairLogps(ref_logps[chosen], ref_logps[rejected])
-        loss = (weights * OBJECTIVES[name].loss(policy, reference, extras, **config.loss_kwargs()).losses).sum()
+        loss = (
+            weights * OBJECTIVES[name].loss(policy, reference, extras, **config.loss_kwargs()).losses
+        ).sum()
         loss.backward()
         return loss
 

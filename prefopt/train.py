@@ -205,5 +205,7 @@ def main(cfg: DictConfig) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     final = summary["final_eval"]
     headline = ", ".join(f"{k.removeprefix('eval/')}={final[k]:.4g}" for k in HEADLINE if k in final)
-    print(f"[prefopt] finished {_run_name(rc)} in {summary['runtime_s']:.0f} s: {headline}; run dir: {run_dir}")
+    print(
+        f"[prefopt] finished {_run_name(rc)} in {summary['runtime_s']:.0f} s: {headline}; run dir: {run_dir}"
+    )
     return summary

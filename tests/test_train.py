@@ -17,7 +17,11 @@ def test_default_task_training_lowers_loss_and_beats_the_reference(tmp_path):
     """A short DPO run: training loss falls, held-out accuracy and ground-truth win rate rise above the
     reference's (0.5: its implicit reward margin is zero, and it ties with itself)."""
     summary = run_training(
-        tmp_path, "trainer.max_steps=60", "trainer.lr=3e-3", "eval.eval_every_steps=30", "trainer.log_every_steps=5"
+        tmp_path,
+        "trainer.max_steps=60",
+        "trainer.lr=3e-3",
+        "eval.eval_every_steps=30",
+        "trainer.log_every_steps=5",
     )
     train_losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert train_losses[-1] < train_losses[0] - 0.05
@@ -36,8 +40,19 @@ def test_run_dir_holds_metrics_eval_and_a_loadable_checkpoint(tmp_path):
     run_training(tmp_path, "trainer.log_every_steps=5")
     records = read_jsonl(tmp_path / "metrics.jsonl")
     train_keys = set().union(*(r for r in records if "train/loss" in r))
-    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s", "elapsed_s"]:
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "elapsed_s",
+    ]:
         assert f"train/{key}" in train_keys, key
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert [h["step"] for h in evaluation["history"]] == [0, 5, 10]
@@ -61,7 +76,9 @@ def test_a_checkpoint_is_the_next_runs_model_through_from_pretrained(tmp_path):
         "trainer.max_steps=2",
         tiny_model=False,
     )
-    assert second["reference_eval"]["eval/kl_star"] == pytest.approx(first["final_eval"]["eval/kl_star"], rel=1e-4)
+    assert second["reference_eval"]["eval/kl_star"] == pytest.approx(
+        first["final_eval"]["eval/kl_star"], rel=1e-4
+    )
 
 
 def test_same_seed_same_run_on_cpu(tmp_path):
@@ -73,9 +90,14 @@ def test_same_seed_same_run_on_cpu(tmp_path):
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     """micro_batch_size=4 with batch_size=16 takes the same steps as one 16-pair forward (fp32)."""
-    full = run_training(tmp_path / "full", "trainer.batch_size=16", "trainer.max_steps=3", "trainer.log_every_steps=1")
+    full = run_training(
+        tmp_path / "full", "trainer.batch_size=16", "trainer.max_steps=3", "trainer.log_every_steps=1"
+    )
     split = run_training(
-        tmp_path / "split", "trainer.batch_size=16", "trainer.micro_batch_size=4", "trainer.max_steps=3",
+        tmp_path / "split",
+        "trainer.batch_size=16",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=3",
         "trainer.log_every_steps=1",
     )
     for key in ["train/loss", "train/grad_norm", "train/rewards/accuracies"]:
@@ -99,7 +121,9 @@ def test_expo_kl_estimators_all_run_and_start_near_zero(tmp_path, estimator):
     """At step 0 the policy is the reference. The token and sample estimates are then exactly 0; the exact
     one compares pi_ref renormalised over the candidates with the unnormalised policy, so it starts at
     -log(candidate mass) = -log(1 - outside_mass) per prompt, small after a good reference fit."""
-    summary = run_training(tmp_path, "objective=expo", f"objective.kl_estimator={estimator}", "trainer.max_steps=3")
+    summary = run_training(
+        tmp_path, "objective=expo", f"objective.kl_estimator={estimator}", "trainer.max_steps=3"
+    )
     start = summary["reference_eval"]
     if estimator == "exact":
         assert start["eval/kl"] == pytest.approx(-math.log(1 - start["eval/outside_mass"]), rel=0.05)
@@ -112,10 +136,20 @@ def test_expo_kl_estimators_all_run_and_start_near_zero(tmp_path, estimator):
 
 
 def test_hpo_logs_aux_rewards_and_its_terms(tmp_path):
-    summary = run_training(tmp_path, "objective=hpo", "aux_reward=keyword", "objective.actor_warmup_steps=2",
-                           "trainer.max_steps=4")
+    summary = run_training(
+        tmp_path,
+        "objective=hpo",
+        "aux_reward=keyword",
+        "objective.actor_warmup_steps=2",
+        "trainer.max_steps=4",
+    )
     final = summary["final_train"]
-    assert {"train/aux_reward/chosen", "train/aux_reward/rejected", "train/actor_loss", "train/value_loss"} <= set(final)
+    assert {
+        "train/aux_reward/chosen",
+        "train/aux_reward/rejected",
+        "train/actor_loss",
+        "train/value_loss",
+    } <= set(final)
     assert final["train/actor_loss"] != 0.0
     assert "eval/aux_reward" in summary["final_eval"]
 
@@ -127,17 +161,37 @@ def test_wandb_offline_run_is_written_next_to_the_run(tmp_path):
 
 def test_cli_multirun_leaves_one_complete_run_dir_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "prefopt", "train", "-m", "objective.beta=0.05,0.5", "trainer.max_steps=2",
-               "trainer.reference_fit.max_steps=50", "trainer.reference_fit.max_kl=10", "model.num_layers=1",
-               "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "dataset.num_prompts=4",
-               "logger=none", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "-m",
+        "prefopt",
+        "train",
+        "-m",
+        "objective.beta=0.05,0.5",
+        "trainer.max_steps=2",
+        "trainer.reference_fit.max_steps=50",
+        "trainer.reference_fit.max_kl=10",
+        "model.num_layers=1",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.intermediate_size=64",
+        "dataset.num_prompts=4",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     betas = set()
     for job in jobs:
-        for name in [".hydra/config.yaml", "metrics.jsonl", "eval.json", "summary.json", "checkpoint/config.json"]:
+        for name in [
+            ".hydra/config.yaml",
+            "metrics.jsonl",
+            "eval.json",
+            "summary.json",
+            "checkpoint/config.json",
+        ]:
             assert (job / name).exists(), job / name
         summary = json.loads((job / "summary.json").read_text())
         assert summary["status"] == "completed"
