@@ -270,7 +270,12 @@ def _header(sweep_dir: Path, jobs: list[Job], swept: list[str]) -> list[str]:
         f"- Swept keys: {', '.join(_describe_key(key, jobs) for key in swept) or 'none'}",
     ]
     lines += [f"- Missing: `{job.name}` ({job.problem})" for job in missing]
-    return lines + [f"- Failed: `{job.name}` (status {job.status})" for job in failed]
+    return lines + [f"- Failed: `{job.name}` ({_failure(job)})" for job in failed]
+
+
+def _failure(job: Job) -> str:
+    error = str((job.summary or {}).get("error") or "").splitlines()
+    return f"status {job.status}" + (f": {error[0][:150]}" if error else "")
 
 
 def _figure_section(result: FigureResult) -> list[str]:

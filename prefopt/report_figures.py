@@ -149,7 +149,7 @@ def _draw_line(spec, metrics, runs, history, group_keys, hlines):
     x, labels = _axis_positions(runs[spec.x])
     data = runs.assign(_x=x).dropna(subset=["_x"])
     colors = _colors(data, spec.hue)
-    fig, axes = _new_figure(len(metrics), min(len(metrics), MAX_PANEL_COLUMNS))
+    fig, axes = _new_figure(len(metrics))
     readings = []
     for ax, metric in zip(axes, metrics):
         parts = []
@@ -191,7 +191,7 @@ def _draw_trajectory(spec, metrics, runs, history, group_keys, hlines):
 def _draw_scatter(spec, metrics, runs, history, group_keys, hlines):
     by = [k for k in dict.fromkeys([*group_keys, spec.hue, spec.label]) if k]
     colors = _colors(runs, spec.hue)
-    fig, axes = _new_figure(len(metrics), min(len(metrics), MAX_PANEL_COLUMNS))
+    fig, axes = _new_figure(len(metrics))
     readings = []
     for ax, metric in zip(axes, metrics):
         points = _group_means(runs, by, [spec.x, metric])
@@ -306,14 +306,19 @@ def _axis_positions(values: pd.Series) -> tuple[pd.Series, list[str] | None]:
     return values.map(fmt_value).map({label: i for i, label in enumerate(labels)}).astype(float), labels
 
 
-def _new_figure(panels: int, columns: int):
+def _new_figure(panels: int, columns: int | None = None):
+    """A figure with `panels` axes (2x2 for four, else rows of up to 3); unused grid cells are hidden."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    columns = columns or (2 if panels == 4 else min(panels, MAX_PANEL_COLUMNS))
     rows = math.ceil(panels / columns)
     fig = Figure(figsize=(4.6 * columns, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, nothing to close
-    return fig, list(fig.subplots(rows, columns, squeeze=False).flat)
+    axes = list(fig.subplots(rows, columns, squeeze=False).flat)
+    for ax in axes[panels:]:
+        ax.set_axis_off()
+    return fig, axes[:panels]
 
 
 def _plot_band(ax, x: pd.Series, stats: pd.DataFrame, color: str, label: str | None) -> None:

@@ -24,30 +24,11 @@ HEADLINE = ["eval/rewards/accuracies", "eval/win_rate", "eval/kl_star", "eval/au
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-class PairSampler:
-    """Seeded epochs over the train pairs, `batch_size` pairs per step (the whole set if it is smaller)."""
-
-    def __init__(self, num_pairs: int, batch_size: int, seed: int):
-        import torch
-
-        self.num_pairs, self.batch_size = num_pairs, min(batch_size, num_pairs)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.queue = torch.empty(0, dtype=torch.long)
-
-    def next(self):
-        import torch
-
-        while len(self.queue) < self.batch_size:
-            self.queue = torch.cat([self.queue, torch.randperm(self.num_pairs, generator=self.generator)])
-        batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
-        return batch
-
-
 def train(rc: RunConfig, run_dir: Path, group: str | None = None, parallel_jobs: int = 1) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from prefopt.data.batching import make_batch
+    from prefopt.data.batching import PairSampler, make_batch
     from prefopt.evaluate import evaluate
     from prefopt.prepare import prepare
     from prefopt.step import pair_loss
