@@ -119,13 +119,18 @@ def _embed(report: Path, name: str) -> str:
     return re.sub(r"^#", "##", text, flags=re.MULTILINE)
 
 
-EXPLANATION = """Where a cell disagrees, the usual causes are (1) finite data: ~270 (preservation) or ~200
+EXPLANATION = """Where a cell disagrees, look for three causes. (1) Finite data: ~270 (preservation) or ~200
 (interpolation) sampled pairs give empirical preference rates that differ from p*, so the trained policy
-minimizes the empirical, not the population, loss; and (2) finite training: DPO, IPO and f-DPO at small
-strength have minimizers on the edge of the simplex (pi_theta(y) -> 0), reachable only with unbounded
-logits, so 150 steps stop short of the infinite-data KL (which grows like 1/strength). The sign and
-ordering of the effects (EXPO flat near 0 on the good context for every strength; DPO/IPO moving away as
-the strength shrinks) are the claims under test."""
+minimizes the empirical loss, not the population one; the std over seeds measures this. (2) Finite
+training: DPO, IPO and f-DPO at small strength have minimizers on the edge of the simplex, reachable only
+with unbounded logits. (3) Mass outside the candidates: the minimizers assume a policy normalized over the
+candidates, but an LM can lower the probability of every candidate at once. DPO-style losses do (see
+`eval/outside_mass`, near 1 for dpo and fdpo), and once pi_theta << pi_ref the Jensen-Shannon link
+t(y) = log 2pi_theta - log(pi_theta + pi_ref) becomes log 2 + lp - lp_ref, so f-DPO trains exactly like
+DPO: its cells then match DPO's, not the tabular f-DPO minimizer. EXPO's KL(pi_ref || pi_theta) term keeps
+the mass on the candidates. The claims under test are the shapes: EXPO flat near 0 on the good context at
+every strength and approaching pi* on the bad one as the strength shrinks; DPO/IPO moving away from pi* as
+the strength shrinks; EXPO moving from pi* to pi_ref as the strength grows."""
 
 
 def main(argv: list[str] | None = None) -> int:
