@@ -171,6 +171,7 @@ def main(cfg: DictConfig) -> dict:
         print(f"prefopt: config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     group, parallel_jobs = _sweep_context()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: every interpolation filled in
     try:
         summary = train(rc, run_dir, group, parallel_jobs)
     except Exception as error:

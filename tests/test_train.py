@@ -187,6 +187,7 @@ def test_cli_multirun_leaves_one_complete_run_dir_per_job(tmp_path):
     for job in jobs:
         for name in [
             ".hydra/config.yaml",
+            "config.yaml",
             "metrics.jsonl",
             "eval.json",
             "summary.json",

@@ -213,6 +213,7 @@ def exact_metrics(task: SyntheticTask, policy_logps, reference_logps, aux_reward
         if mask.any():
             metrics[f"kl_star_{subset}"] = float(kl_star[mask].mean())
     for p in range(policy.shape[0]):
+        metrics[f"outside_mass/p{p}"] = float(per_prompt["outside_mass"][p])
         for k in range(policy.shape[1]):
             metrics[f"pi_theta/p{p}/y{k}"] = float(policy[p, k])
     return metrics
