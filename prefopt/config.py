@@ -95,8 +95,9 @@ def _schema_merge(schema: type, node: Any, where: str) -> Any:
         key = getattr(error, "full_key", None) or "?"
         message = str(error).splitlines()[0]
         raise ConfigError(f"{where}.{key}: {message}") from None
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
+    except (TypeError, ValueError) as error:  # a schema's own check; name its field when it says which
+        field_name = getattr(error, "field", None)
+        raise ConfigError(f"{where}.{field_name}: {error}" if field_name else f"{where}: {error}") from None
 
 
 def _named(node: Any, where: str, registry: dict[str, Any], schema_of=lambda entry: entry.config) -> tuple:

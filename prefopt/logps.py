@@ -72,7 +72,8 @@ def token_kl(
 
     def chunk_kl(policy_h: Tensor, reference_h: Tensor) -> Tensor:
         policy_logp = _chunk_logits(policy_head, policy_h).log_softmax(-1)
-        reference_logp = _chunk_logits(reference_head, reference_h).log_softmax(-1)
+        with torch.no_grad():  # the reference is a constant, even when its head is shared or trainable
+            reference_logp = _chunk_logits(reference_head, reference_h).log_softmax(-1)
         return F.kl_div(policy_logp, reference_logp, log_target=True, reduction="none").sum(-1)
 
     kl = _chunked(chunk_kl, chunk_tokens, policy_hidden[row, column], reference_hidden[row, column].detach())

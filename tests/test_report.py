@@ -88,7 +88,7 @@ def job_files(objective: str, strength: float, seed: int, report_node: dict | No
         "objective": {
             "name": objective,
             "gamma": 0.5 if objective == "expo" else 0.0,
-            "lam": "${strength:0.1}",
+            "lam": "${unregistered_resolver:0.1}",  # a resolver that exists only at train time
         },
         "run_dir": "${hydra:runtime.output_dir}",  # resolvers that only exist inside a Hydra run
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class TextPairs:
@@ -40,21 +42,26 @@ class PreferenceFileConfig:
 
 
 def load_preference_pairs(cfg: PreferenceFileConfig, seed: int) -> tuple[TextPairs, TextPairs]:
+    """Train and held-out pairs; rows are checked before any held-out cut, so errors give file row numbers."""
     from datasets import load_dataset
 
     source = load_dataset(cfg.path, cfg.config_name, data_files=cfg.data_files)
     if cfg.train_split not in source:
         raise ValueError(f"dataset.train_split: split {cfg.train_split!r} not in {cfg.path} ({list(source)})")
-    train = source[cfg.train_split]
+    train = _pairs(source[cfg.train_split], cfg, cfg.train_split, cfg.max_train_examples)
     if cfg.eval_split in source:
-        held_out = source[cfg.eval_split]
-    else:
-        cut = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train, held_out = cut["train"], cut["test"]
-    return (
-        _pairs(train, cfg, cfg.train_split, cfg.max_train_examples),
-        _pairs(held_out, cfg, cfg.eval_split, cfg.max_eval_examples),
-    )
+        return train, _pairs(source[cfg.eval_split], cfg, cfg.eval_split, cfg.max_eval_examples)
+    order = np.random.default_rng(seed).permutation(len(train))
+    cut = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
+    held_out = _subset(train, order[:cut])
+    if cfg.max_eval_examples is not None:
+        held_out = _subset(held_out, np.arange(min(cfg.max_eval_examples, len(held_out))))
+    return _subset(train, np.sort(order[cut:])), held_out
+
+
+def _subset(pairs: TextPairs, indices) -> TextPairs:
+    pick = lambda column: [column[i] for i in indices]  # noqa: E731
+    return TextPairs(pick(pairs.prompts), pick(pairs.chosen), pick(pairs.rejected), pick(pairs.labels))
 
 
 def _pairs(rows, cfg: PreferenceFileConfig, split: str, limit: int | None) -> TextPairs:

@@ -139,6 +139,17 @@ class SyntheticTask:
 def build_task(cfg: SyntheticConfig, seed: int) -> SyntheticTask:
     rng = np.random.default_rng(seed)
     if cfg.contexts:
+        for i, context in enumerate(cfg.contexts):
+            sizes = {
+                len(context.pi_star),
+                len(context.pi_ref or context.pi_star),
+                len(cfg.contexts[0].pi_star),
+            }
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"dataset.contexts[{i}]: pi_star and pi_ref need {len(cfg.contexts[0].pi_star)} entries "
+                    "(as contexts[0].pi_star): every context ranks the same number of candidates"
+                )
         pi_star = np.array([c.pi_star for c in cfg.contexts], dtype=np.float64)
         pi_ref = np.array(
             [c.pi_ref if c.pi_ref is not None else c.pi_star for c in cfg.contexts], dtype=np.float64

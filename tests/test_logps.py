@@ -1,0 +1,293 @@
+"""Response log-probs and token-level KL from a tiny Llama, against a naive per-token loop over each
+unpadded sequence's full logits; padding, response masks and batch de-duplication."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prefopt.data.batching import PairSplit, SequenceTable, make_batch
+from prefopt.logps import hidden_states, model_logps, token_kl
+from prefopt.modeling import TinyModelConfig, build_tiny
+
+VOCABULARY = [
+    "tell",
+    "me",
+    "about",
+    "a",
+    "b",
+    "c",
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "big",
+    "red",
+    "sun",
+]
+# (prompt, response): prompts of 2-6 words, responses of 1-7 words, so every batch is padded.
+ROWS = [
+    ("tell me about a", "the cat sat"),
+    ("tell me", "dog"),
+    ("tell me about a b c", "big red sun on the dog ran"),
+    ("tell me", "the cat sat"),
+    ("tell me about b", "sun"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A width-32 model gains nothing from threads; on a busy machine they cost 100x (spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64, num_heads=2)
+    model, tokenizer = build_tiny(cfg, VOCABULARY)
+    return model.float(), tokenizer
+
+
+def word_ids(tokenizer, text: str) -> list[int]:
+    """One id per whitespace word, looked up directly in the vocabulary (not through the table)."""
+    return tokenizer.convert_tokens_to_ids(text.split())
+
+
+def naive_logps(model, tokenizer, prompt: str, response: str) -> torch.Tensor:
+    """sum_{t = |x|}^{|x|+|y|-1} log_softmax(logits[t - 1])[ids[t]] over the unpadded sequence x + y + EOS."""
+    prompt_ids = word_ids(tokenizer, prompt)
+    ids = prompt_ids + word_ids(tokenizer, response) + [tokenizer.eos_token_id]
+    logits = model(torch.tensor([ids])).logits[0].float()  # (T, V)
+    total = torch.zeros(())
+    for t in range(len(prompt_ids), len(ids)):
+        total = total + torch.log_softmax(logits[t - 1], dim=-1)[ids[t]]
+    return total
+
+
+def naive_token_kl(policy, reference, tokenizer, prompt: str, response: str) -> torch.Tensor:
+    """sum_t sum_v p_ref(v) (log p_ref(v) - log p_pol(v)) at the positions predicting response tokens."""
+    prompt_ids = word_ids(tokenizer, prompt)
+    ids = torch.tensor([prompt_ids + word_ids(tokenizer, response) + [tokenizer.eos_token_id]])
+    log_pol = torch.log_softmax(policy(ids).logits[0].float(), -1)  # (T, V)
+    with torch.no_grad():
+        log_ref = torch.log_softmax(reference(ids).logits[0].float(), -1)
+    total = torch.zeros(())
+    for t in range(len(prompt_ids), ids.shape[1]):
+        for v in range(log_ref.shape[1]):
+            total = total + log_ref[t - 1, v].exp() * (log_ref[t - 1, v] - log_pol[t - 1, v])
+    return total
+
+
+def table_of(tokenizer, rows=ROWS) -> tuple[SequenceTable, torch.Tensor]:
+    table = SequenceTable(tokenizer, max_prompt_tokens=16, max_response_tokens=16)
+    ids = torch.tensor([table.add(p, r) for p, r in rows])
+    return table, ids
+
+
+def perturbed(model, scale: float = 0.05, seed: int = 1):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+# ---- sequence log-probs ------------------------------------------------------------------------------
+
+
+def test_model_logps_equals_a_naive_loop_over_each_unpadded_sequence():
+    model, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    assert (rows.attention_mask == 0).any()  # padding is present
+    got = model_logps(model, rows)
+    expected = torch.stack([naive_logps(model, tokenizer, p, r) for p, r in ROWS])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_row_order_and_batch_company_do_not_change_a_rows_logps():
+    """The same sequence alone, or in a reversed batch with longer neighbours, gets the same value."""
+    model, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    together = model_logps(model, table.pad(ids))
+    reversed_ = model_logps(model, table.pad(ids.flip(0))).flip(0)
+    alone = torch.cat([model_logps(model, table.pad(ids[i : i + 1])) for i in range(len(ids))])
+    torch.testing.assert_close(reversed_, together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=0)
+
+
+def logps_and_grads(model, rows, chunk_tokens: int, weights: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    logps = model_logps(model, rows, chunk_tokens)
+    (logps * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), grads
+
+
+def test_chunk_size_changes_neither_values_nor_gradients():
+    """chunk_tokens = 1 (one position per chunk), 3 (chunks straddle rows) and 1000 (one chunk) give the
+    same log-probs and the same parameter gradients of a weighted sum of them."""
+    model, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    weights = torch.linspace(-1.0, 2.0, len(ids))
+    base_logps, base_grads = logps_and_grads(model, rows, 1000, weights)
+    assert len(base_grads) == len(list(model.parameters()))  # every parameter gets a gradient
+    for chunk in (1, 3):
+        logps, grads = logps_and_grads(model, rows, chunk, weights)
+        torch.testing.assert_close(logps, base_logps, atol=1e-5, rtol=0)
+        assert grads.keys() == base_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], base_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_grad_path_matches_the_checkpointed_path():
+    model, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    with torch.no_grad():
+        plain = model_logps(model, rows, 3)
+    torch.testing.assert_close(model_logps(model, rows, 3).detach(), plain, atol=1e-6, rtol=0)
+
+
+# ---- token-level KL ----------------------------------------------------------------------------------
+
+
+def kl_of(policy, reference, rows, chunk_tokens: int = 4) -> torch.Tensor:
+    with torch.no_grad():
+        reference_hidden = hidden_states(reference, rows)
+    return token_kl(
+        policy.get_output_embeddings(),
+        hidden_states(policy, rows),
+        reference.get_output_embeddings(),
+        reference_hidden,
+        rows,
+        chunk_tokens,
+    )
+
+
+def test_token_kl_equals_the_naive_full_vocabulary_sum():
+    reference, tokenizer = tiny_model()
+    policy = perturbed(reference)
+    table, ids = table_of(tokenizer)
+    got = kl_of(policy, reference, table.pad(ids))
+    expected = torch.stack([naive_token_kl(policy, reference, tokenizer, p, r) for p, r in ROWS])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 1000])
+def test_token_kl_is_zero_against_a_copy_and_positive_after_a_perturbation(chunk_tokens: int):
+    policy, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    same = kl_of(policy, copy.deepcopy(policy), rows, chunk_tokens)
+    torch.testing.assert_close(same, torch.zeros(len(ids)), atol=1e-6, rtol=0)
+    moved = kl_of(perturbed(policy), policy, rows, chunk_tokens)
+    assert (moved > 1e-4).all()
+
+
+def test_token_kl_gradient_reaches_the_policy_only():
+    """The reference is a constant of the KL: an unfrozen copy (as a caller might pass) gets no gradient,
+    neither through its hidden states nor through its lm_head; every policy parameter gets one."""
+    reference, tokenizer = tiny_model()
+    policy = perturbed(reference)
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    kl = token_kl(
+        policy.get_output_embeddings(),
+        hidden_states(policy, rows),
+        reference.get_output_embeddings(),
+        hidden_states(reference, rows),  # built with gradients on
+        rows,
+        3,
+    )
+    kl.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    leaked = [n for n, p in reference.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert leaked == []
+
+
+# ---- padding, masks and batches ----------------------------------------------------------------------
+
+
+def test_response_mask_marks_exactly_the_response_tokens_and_eos():
+    _, tokenizer = tiny_model()
+    table, ids = table_of(tokenizer)
+    rows = table.pad(ids)
+    width = max(len(p.split()) + len(r.split()) + 1 for p, r in ROWS)
+    assert rows.input_ids.shape == (len(ROWS), width)
+    for i, (prompt, response) in enumerate(ROWS):
+        prompt_ids, response_ids = word_ids(tokenizer, prompt), word_ids(tokenizer, response)
+        response_ids = response_ids + [tokenizer.eos_token_id]
+        n = len(prompt_ids) + len(response_ids)
+        assert rows.input_ids[i, :n].tolist() == prompt_ids + response_ids
+        assert (rows.input_ids[i, n:] == tokenizer.pad_token_id).all()
+        assert rows.attention_mask[i].tolist() == [1] * n + [0] * (width - n)
+        expected_mask = [False] * len(prompt_ids) + [True] * len(response_ids) + [False] * (width - n)
+        assert rows.response_mask[i].tolist() == expected_mask
+        assert rows.prompt_lengths[i] == len(prompt_ids)
+        assert rows.response_tokens[i] == len(response.split()) + 1
+
+
+def test_long_prompts_are_cut_from_the_left_and_responses_from_the_right_keeping_eos():
+    """max_prompt_tokens=2 keeps the prompt's last 2 words; max_response_tokens=3 keeps 2 words + EOS."""
+    _, tokenizer = tiny_model()
+    table = SequenceTable(tokenizer, max_prompt_tokens=2, max_response_tokens=3)
+    rows = table.pad(torch.tensor([table.add("tell me about a", "the cat sat on")]))
+    expected = word_ids(tokenizer, "about a") + word_ids(tokenizer, "the cat") + [tokenizer.eos_token_id]
+    assert rows.input_ids[0].tolist() == expected
+    assert rows.response_mask[0].tolist() == [False, False, True, True, True]
+
+
+def pair_split(tokenizer):
+    """Sequences s0..s4 (ROWS); pairs repeat them: (0,1), (0,4), (1,4), (2,0), (3,2), (0,1)."""
+    table, ids = table_of(tokenizer)
+    pairs = [(0, 1), (0, 4), (1, 4), (2, 0), (3, 2), (0, 1)]
+    chosen = torch.tensor([ids[c] for c, _ in pairs])
+    rejected = torch.tensor([ids[r] for _, r in pairs])
+    prompts = torch.tensor([table.sequence_prompt[int(s)] for s in chosen])
+    mismatched = torch.tensor([ids[(c + 2) % len(ids)] for c, _ in pairs])
+    split = PairSplit(chosen, rejected, torch.linspace(0.5, 1.0, len(pairs)), prompts, mismatched)
+    return table, split
+
+
+def test_make_batch_forwards_each_distinct_sequence_once_and_points_at_the_right_rows():
+    """Examples (1, 2, 5, 0): sequences {0,4}, {1,4}, {0,1}, {0,1} -> 3 distinct rows instead of 2 x 4 = 8."""
+    _, tokenizer = tiny_model()
+    table, split = pair_split(tokenizer)
+    examples = torch.tensor([1, 2, 5, 0])
+    batch = make_batch(table, split, examples, kl_side=None, with_mismatched=False)
+    distinct = {int(s) for s in torch.cat([split.chosen[examples], split.rejected[examples]])}
+    assert len(batch.sequence_ids) == len(distinct) == 3 < 2 * len(examples)
+    assert batch.num_pairs == len(examples)
+    assert batch.sequence_ids[batch.chosen_rows].tolist() == split.chosen[examples].tolist()
+    assert batch.sequence_ids[batch.rejected_rows].tolist() == split.rejected[examples].tolist()
+    assert batch.labels.tolist() == split.labels[examples].tolist()
+    assert batch.rows.input_ids.tolist() == table.pad(batch.sequence_ids).input_ids.tolist()
+    assert batch.kl_rows is None and batch.mismatched_rows is None
+
+
+def test_make_batch_side_rows_and_groups_point_at_the_right_sequences():
+    """kl_side maps a prompt id to its side sequences; each pair's group is its prompt's group."""
+    _, tokenizer = tiny_model()
+    table, split = pair_split(tokenizer)
+    kl_side = {
+        p: [s for s in range(len(table)) if table.sequence_prompt[s] == p] for p in set(table.sequence_prompt)
+    }
+    examples = torch.tensor([3, 4, 0])
+    batch = make_batch(table, split, examples, kl_side=kl_side, with_mismatched=True)
+    batch_prompts = sorted({int(p) for p in split.prompts[examples]})
+    side = [s for p in batch_prompts for s in kl_side[p]]
+    assert batch.sequence_ids[batch.kl_rows].tolist() == side
+    assert batch.kl_groups.tolist() == [g for g, p in enumerate(batch_prompts) for _ in kl_side[p]]
+    assert [batch_prompts[g] for g in batch.example_groups.tolist()] == split.prompts[examples].tolist()
+    assert batch.sequence_ids[batch.mismatched_rows].tolist() == split.mismatched[examples].tolist()
+    assert len(set(batch.sequence_ids.tolist())) == len(batch.sequence_ids)
