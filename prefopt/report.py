@@ -55,7 +55,13 @@ MAX_TABLE_METRICS = 8
 SEED_KEY = "seed"
 OUTSIDE_MASS = "eval/outside_mass"  # always in the summary table when present
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a per-prompt metric: eval/pi_theta/p0/y1, eval/outside_mass/p3
-CONVERGENCE_VALUES = ["loss_change_last_10pct", "final_grad_norm", "outside_mass", "tv_to_minimizer"]
+CONVERGENCE_VALUES = [
+    "loss_change_last_10pct",
+    "final_grad_norm",
+    "grad_norm_ratio",
+    "outside_mass",
+    "tv_to_minimizer",
+]
 MAX_LISTED_CELLS = 20
 
 

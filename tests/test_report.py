@@ -357,7 +357,13 @@ def test_runs_csv_has_no_per_prompt_columns_and_the_convergence_report(out: Path
     assert "eval/pi_theta/p0/y0" not in old.columns  # old run dirs kept per-prompt keys in summary.json
     runs = pd.read_csv(converged_out / "runs.csv", dtype={"job": str}).set_index("job")
     assert not [column for column in runs.columns if re.search(r"/p\d+(/|$)", column)]
-    for column in ("converged", "loss_change_last_10pct", "final_grad_norm", "tv_to_minimizer"):
+    for column in (
+        "converged",
+        "loss_change_last_10pct",
+        "final_grad_norm",
+        "grad_norm_ratio",
+        "tv_to_minimizer",
+    ):
         assert column in runs.columns
     assert "outside_mass" not in runs.columns  # eval/outside_mass already says it
     assert runs.loc["2", "converged"] == False  # noqa: E712 (the CSV holds True/False/empty)
