@@ -39,8 +39,9 @@ def _objective_help() -> str:
 
 @dataclass
 class ReferenceFitConfig:
-    max_steps: int = 600  # supervised steps fitting the policy to the task's reference distribution (0: skip)
-    lr: float = 3e-3  # AdamW learning rate of the supervised phase
+    enabled: bool | None = None  # None: only when the policy starts from the embedded model's random init
+    max_steps: int = 600  # loss evaluations fitting the policy to the task's reference distribution
+    lr: float = 3e-3  # AdamW learning rate of the supervised phase (L-BFGS takes over if Adam stalls)
     target_kl: float = 0.003  # stop early once KL(pi_ref || pi_theta0) over the candidates is below this
     max_kl: float = 0.05  # refuse to start preference training when the fit ends above this
     cache: bool = True  # reuse a fitted reference across runs with the same model, task, fit and seed
@@ -59,7 +60,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    num_threads: int | None = None  # CPU threads; None: cores / parallel jobs
+    num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
     logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
     log_every_steps: int = 10
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
@@ -69,10 +70,19 @@ class TrainerConfig:
 
 
 @dataclass
+class ConvergenceConfig:
+    """When a run counts as converged (see `prefopt.convergence`)."""
+
+    loss_rtol: float = 0.01  # max share of the run's loss change made in its last tenth of steps
+    grad_norm_ratio: float = 0.1  # max final gradient norm as a share of the run's largest one
+
+
+@dataclass
 class EvalConfig:
     eval_every_steps: int = 50  # held-out evaluation period in optimizer steps (and always at the end)
     at_start: bool = True  # also evaluate before training: the reference's own numbers
     batch_size: int = 512  # pairs per evaluation forward pass
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
 
 
 @dataclass
@@ -84,6 +94,10 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     run_name: str | None = None  # None: objective and overrides
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+
+
+LOGGER_NAMES = ("wandb", "none")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 def _schema_merge(schema: type, node: Any, where: str) -> Any:
@@ -159,6 +173,30 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
         _schema_merge(AUX_REWARDS[name].config, options, f"aux_reward.{name}")
     trainer = _schema_merge(TrainerConfig, raw["trainer"], "trainer")
     _check_trainer(trainer)
+    evaluation = _schema_merge(EvalConfig, raw["eval"], "eval")
+    logger = _schema_merge(LoggerConfig, raw["logger"], "logger")
+    _check(
+        "eval",
+        evaluation,
+        {
+            "eval_every_steps": evaluation.eval_every_steps >= 1,
+            "batch_size": evaluation.batch_size >= 1,
+            "convergence.loss_rtol": evaluation.convergence.loss_rtol > 0,
+            "convergence.grad_norm_ratio": evaluation.convergence.grad_norm_ratio > 0,
+        },
+        {"eval_every_steps": "an integer >= 1 (evaluation also runs at the end)"},
+    )
+    _check(
+        "logger",
+        logger,
+        {"name": logger.name in LOGGER_NAMES, "mode": logger.mode in LOGGER_MODES},
+        {"name": f"one of {list(LOGGER_NAMES)}", "mode": f"one of {list(LOGGER_MODES)}"},
+    )
+    if trainer.reference_fit.enabled and not DATASETS[dataset_name].ground_truth:
+        raise ConfigError(
+            f"trainer.reference_fit.enabled: dataset={dataset_name} defines no reference distribution to fit "
+            "(only tasks with a known pi_ref do, e.g. dataset=synthetic)"
+        )
     return RunConfig(
         seed=raw["seed"],
         model_name=model_name,
@@ -169,10 +207,21 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
         objective=objective,
         aux_reward=aux_reward,
         trainer=trainer,
-        eval=_schema_merge(EvalConfig, raw["eval"], "eval"),
-        logger=_schema_merge(LoggerConfig, raw["logger"], "logger"),
+        eval=evaluation,
+        logger=logger,
         raw=raw,
     )
+
+
+def _check(where: str, node: Any, checks: dict[str, bool], expected: dict[str, str] | None = None) -> None:
+    """Raise a ConfigError naming the first failing `where.<key>`, with what the key accepts."""
+    for key, ok in checks.items():
+        if not ok:
+            value = node
+            for part in key.split("."):
+                value = getattr(value, part)
+            hint = f"; expected {expected[key]}" if expected and key in expected else ""
+            raise ConfigError(f"{where}.{key}: invalid value {value!r}{hint}")
 
 
 def _check_trainer(trainer: TrainerConfig) -> None:
@@ -184,7 +233,8 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "precision": trainer.precision in {"auto", "fp32", "bf16"},
         "logps_chunk_tokens": trainer.logps_chunk_tokens >= 1,
         "log_every_steps": trainer.log_every_steps >= 1,
+        "num_threads": trainer.num_threads >= 1,
+        "reference_fit.max_steps": trainer.reference_fit.max_steps >= 0,
+        "reference_fit.lr": trainer.reference_fit.lr > 0,
     }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"trainer.{key}: invalid value {getattr(trainer, key)!r}")
+    _check("trainer", trainer, checks, {"precision": "auto | fp32 | bf16"})

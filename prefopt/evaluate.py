@@ -1,8 +1,12 @@
 """The evaluation stage: preference metrics on the held-out pairs and, on a task with a known ground
-truth, exact metrics over every prompt's candidates (see `data.synthetic.exact_metrics`)."""
+truth, exact metrics over every prompt's candidates (see `data.synthetic.exact_metrics`).
+
+`evaluate` returns scalar metrics (logged every evaluation) and per-prompt detail (`pi_theta/p<i>/y<k>`,
+`outside_mass/p<i>`: kept in eval.json only, so step metrics, W&B and reports stay readable)."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -11,19 +15,30 @@ from prefopt.data.batching import make_batch
 from prefopt.data.synthetic import exact_metrics
 from prefopt.logps import model_logps
 from prefopt.prepare import PreparedRun
+from prefopt.progress import progress
 from prefopt.step import pair_loss
+
+PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a metric key with a per-prompt path segment
+
+
+def is_per_prompt(key: str) -> bool:
+    return bool(PER_PROMPT.search(key))
 
 
 @torch.no_grad()
-def evaluate(run: PreparedRun, step: int, batch_size: int, device, autocast) -> dict[str, float]:
+def evaluate(
+    run: PreparedRun, step: int, batch_size: int, device, autocast
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics, per-prompt detail) of the current policy, keys prefixed `eval/`."""
     modules = [m for m in (run.policy, run.inputs.value_head) if m is not None]
     for module in modules:
         module.eval()
     totals, needs = defaultdict(float), run.inputs.hparams.requirements()
-    for examples in torch.arange(len(run.eval)).split(batch_size):
+    batches = torch.arange(len(run.eval)).split(batch_size)
+    for examples in progress(batches, desc=f"eval @ step {step}", unit="batch"):
         batch = make_batch(run.table, run.eval, examples, run.kl_side, needs.mismatched)
         with autocast():
-            loss_sum, sums = pair_loss(run.policy, batch, run.inputs, step, device)
+            _, sums = pair_loss(run.policy, batch, run.inputs, step, device)
         for name, value in sums.items():
             totals[name] += value
     metrics = {f"eval/{name}": value / len(run.eval) for name, value in totals.items()}
@@ -31,18 +46,25 @@ def evaluate(run: PreparedRun, step: int, batch_size: int, device, autocast) -> 
         metrics.update({f"eval/{k}": v for k, v in candidate_metrics(run, device, autocast).items()})
     for module in modules:
         module.train()
-    return metrics
+    detail = {k: v for k, v in metrics.items() if is_per_prompt(k)}
+    return {k: v for k, v in metrics.items() if k not in detail}, detail
+
+
+def candidate_logps(run: PreparedRun, device, autocast) -> torch.Tensor:
+    """(P, K) the policy's sequence log-probs of every prompt's candidates."""
+    ids = run.candidates.flatten()
+    with autocast():
+        logps = model_logps(run.policy, run.table.pad(ids).to(device), run.inputs.chunk_tokens)
+    return logps.float().view(run.candidates.shape)
 
 
 def candidate_metrics(run: PreparedRun, device, autocast) -> dict[str, float]:
-    ids = run.candidates.flatten()
-    with autocast():
-        policy_logps = model_logps(run.policy, run.table.pad(ids).to(device), run.inputs.chunk_tokens)
-    reference_logps = run.inputs.reference_logps[ids.to(device)]
-    aux = (
-        run.inputs.aux_rewards[ids.to(device)].view(run.candidates.shape)
-        if run.inputs.aux_rewards is not None
-        else None
-    )
-    shape = run.candidates.shape
-    return exact_metrics(run.task, policy_logps.float().view(shape), reference_logps.view(shape), aux)
+    ids, shape = run.candidates.flatten().to(device), run.candidates.shape
+    reference_logps = run.inputs.reference_logps[ids].view(shape)
+
+    def per_candidate(scores):
+        return scores[ids].view(shape)
+
+    aux = per_candidate(run.inputs.aux_rewards) if run.inputs.aux_rewards is not None else None
+    components = {name: per_candidate(scores) for name, scores in run.aux_components.items()}
+    return exact_metrics(run.task, candidate_logps(run, device, autocast), reference_logps, aux, components)

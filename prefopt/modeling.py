@@ -93,10 +93,13 @@ class ModelSpec:
     config: type
     build: Callable[[Any, list[str]], tuple[Any, Any]]  # (config, data vocabulary) -> (model, tokenizer)
     description: str
+    random_init: bool = False  # the policy starts untrained, so a task's reference must be fitted first
 
 
 MODELS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(TinyModelConfig, build_tiny, "Llama-architecture LM of a few M params, built offline"),
+    "tiny": ModelSpec(
+        TinyModelConfig, build_tiny, "Llama LM of a few M params, built offline", random_init=True
+    ),
     "pretrained": ModelSpec(PretrainedModelConfig, load_pretrained, "any causal LM via from_pretrained"),
 }
 

@@ -5,7 +5,8 @@ tables, the supervised reference fit, the frozen reference, and the per-sequence
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -16,12 +17,15 @@ from prefopt.data.batching import PairSplit, SequenceTable
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.logps import model_logps
-from prefopt.modeling import MODELS, load_reference
+from prefopt.modeling import MODELS, count_parameters, load_reference
 from prefopt.objectives import OBJECTIVES
+from prefopt.progress import progress, progress_enabled
 from prefopt.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
 from prefopt.rewards import build_aux_reward, score_responses
 from prefopt.step import LossInputs
 from prefopt.value_head import ValueHead
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,10 +40,12 @@ class PreparedRun:
     kl_side: dict[int, list[int]] | None  # prompt id -> side sequence ids for the KL estimator
     inputs: LossInputs
     reference_fit: dict | None
+    aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
 
 
 def prepare(rc: RunConfig, device) -> PreparedRun:
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
+    log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
     aux_reward = build_aux_reward(rc.aux_reward, text.task)  # fails on a bad reward before the model loads
     needs = rc.objective.requirements()
     kl_estimator = getattr(rc.objective, "kl_estimator", None) if needs.kl else None
@@ -48,6 +54,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
     policy.to(device)
+    log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens)
     train, held_out = _split(table, text.train), _split(table, text.eval)
     candidates = _candidates(table, text.task) if text.task is not None else None
@@ -56,7 +63,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
             split.mismatched = _mismatched(table, split, rc.seed)
 
     fit_report = None
-    if text.task is not None and rc.trainer.reference_fit.max_steps > 0:
+    if _wants_reference_fit(rc, text.task):
         fit_report = _fit_reference(rc, policy, table, candidates, text.task, device)
     reference = _reference(rc, policy, device)
     kl_side = None
@@ -67,11 +74,16 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
 
     chunk = rc.trainer.logps_chunk_tokens
     reference_logps = _all_sequence_logps(reference, table, chunk, device)
-    aux_rewards = None
+    aux_rewards, aux_components = None, {}
     if aux_reward is not None:
         prompts, responses = table.texts(list(range(len(table))))
-        scores = score_responses(aux_reward, prompts, responses)
-        aux_rewards = torch.as_tensor(scores, dtype=torch.float32, device=device)
+        scores = {
+            name: score_responses(reward, prompts, responses, progress=progress_enabled())
+            for name, reward in aux_reward.components.items()
+        }
+        as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+        aux_rewards = as_tensor(aux_reward.combine(scores))
+        aux_components = {name: as_tensor(values) for name, values in scores.items()}
     elif needs.aux_reward:
         raise ValueError(f"objective={rc.objective_name} needs an auxiliary reward: set aux_reward=<name>")
     value_head = None
@@ -88,8 +100,26 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         chunk_tokens=chunk,
     )
     return PreparedRun(
-        policy, tokenizer, table, train, held_out, text.task, candidates, kl_side, inputs, fit_report
+        policy,
+        tokenizer,
+        table,
+        train,
+        held_out,
+        text.task,
+        candidates,
+        kl_side,
+        inputs,
+        fit_report,
+        aux_components,
     )
+
+
+def _wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
+    """Fit pi_ref only where it means something: a task that has one, and a policy that starts untrained
+    (a checkpoint continues as it is) unless `trainer.reference_fit.enabled` says otherwise."""
+    cfg = rc.trainer.reference_fit
+    enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
+    return bool(enabled) and task is not None and cfg.max_steps > 0
 
 
 def _vocabulary(text: TextData) -> list[str]:
@@ -133,12 +163,16 @@ def _fit_reference(rc: RunConfig, policy, table, candidates, task: SyntheticTask
         report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
         if cfg.cache and report["kl"] <= cfg.max_kl:
             store_cached(policy, key, report)
-    check_fit(report, cfg)
-    print(
-        f"[prefopt] reference fit: KL(pi_ref || pi_theta0) = {report['kl']:.5f}, "
-        f"mass outside candidates = {report['outside_mass']:.4f}, {report['steps']} steps"
-        f"{' (cached)' if report['cached'] else ''}"
+    log.info(
+        "reference fit: KL(pi_ref || pi_theta0) = %.5f (target %g), mass outside candidates = %.4f, "
+        "%d steps%s",
+        report["kl"],
+        cfg.target_kl,
+        report["outside_mass"],
+        report["steps"],
+        " (cached)" if report["cached"] else f" in {report['seconds']:.1f} s",
     )
+    check_fit(report, cfg)
     return report
 
 
@@ -155,9 +189,8 @@ def _all_sequence_logps(
     model, table: SequenceTable, chunk_tokens: int, device, rows_per_pass: int = 256
 ) -> Tensor:
     ids = torch.arange(len(table))
-    parts = [
-        model_logps(model, table.pad(part).to(device), chunk_tokens) for part in ids.split(rows_per_pass)
-    ]
+    passes = progress(ids.split(rows_per_pass), desc="reference log-probs", unit="batch")
+    parts = [model_logps(model, table.pad(part).to(device), chunk_tokens) for part in passes]
     return torch.cat(parts).float()
 
 

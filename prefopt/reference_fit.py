@@ -1,17 +1,21 @@
 """The supervised phase that makes the tiny policy a meaningful reference.
 
 Before preference training the policy is fitted to the task's reference distribution over each prompt's
-candidates by minimising the exact cross-entropy
-    L = mean_x sum_y pi_ref(y|x) * (-lp_theta(y|x)),
-which equals KL(pi_ref || pi_theta) up to a constant. The fit is reported as KL(pi_ref || pi_theta0) over
-the candidates (renormalised) and the probability mass left outside them; a fit worse than `max_kl` stops
-the run. Fitted weights are cached by a hash of everything that determines them.
+candidates by minimising the exact, full-batch cross-entropy
+    L(theta) = mean_x sum_y pi_ref(y|x) * (-lp_theta(y|x)),
+which equals KL(pi_ref || pi_theta) up to a constant. Two phases: AdamW at `lr` while it makes progress,
+then, if the target is not reached (Adam stalls on the plateau where the model ignores the prompt), L-BFGS
+with a strong-Wolfe line search, which is exact and cannot oscillate on a deterministic full-batch loss.
+The stop test reads the current parameters. The fit is reported as KL(pi_ref || pi_theta0) over the
+candidates (renormalised) and the probability mass left outside them; a fit worse than `max_kl` stops the
+run. Fitted weights are cached by a hash of everything that determines them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +28,12 @@ from torch import Tensor
 from prefopt.config import ReferenceFitConfig
 from prefopt.data.batching import SequenceTable
 from prefopt.logps import model_logps
+from prefopt.progress import progress
+
+log = logging.getLogger(__name__)
+STALL_STEPS = 50  # Adam hands over to L-BFGS when the loss improved by < STALL_RTOL over this many steps
+STALL_RTOL = 1e-3
+LBFGS_ITERATIONS_PER_STEP = 20
 
 
 class ReferenceFitError(RuntimeError):
@@ -48,34 +58,82 @@ def fit_reference(
     device,
     chunk_tokens: int,
 ) -> dict[str, float]:
-    """Fit `policy` in place to `target` (P, K) over the candidate sequences `candidates` (P, K)."""
+    """Fit `policy` in place to `target` (P, K) over the candidate sequences `candidates` (P, K).
+
+    Every step counts one loss evaluation (an Adam step, or one L-BFGS function evaluation); the policy is
+    left in eval mode with no gradients, exactly as a cached fit loads."""
     start = time.perf_counter()
     rows = table.pad(candidates.flatten()).to(device)
     target = target.to(device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    params = [p for p in policy.parameters() if p.requires_grad]
     policy.train()
-    steps = 0
-    for steps in range(1, cfg.max_steps + 1):
-        logps = model_logps(policy, rows, chunk_tokens).view_as(target)
-        loss = -(target * logps).sum(-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if steps % 10 == 0 and candidate_fit(logps.detach(), target)["kl"] < cfg.target_kl:
+
+    def loss_and_fit() -> tuple[Tensor, dict[str, float]]:
+        logps = model_logps(policy, rows, chunk_tokens).view_as(target)  # (P, K)
+        return -(target * logps).sum(-1).mean(), candidate_fit(logps.detach(), target)
+
+    bar = progress(total=cfg.max_steps, desc="reference fit", unit="step")
+    steps, fit, best, best_step = 0, {}, float("inf"), 0
+    adam = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    while steps < cfg.max_steps:  # phase 1: Adam while it makes progress
+        loss, fit = loss_and_fit()
+        if fit["kl"] < cfg.target_kl:
             break
+        if loss.item() < best * (1 - STALL_RTOL):
+            best, best_step = loss.item(), steps
+        elif steps - best_step >= STALL_STEPS:
+            break
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+        steps += 1
+        bar.update(1)
+        bar.set_postfix(kl=f"{fit['kl']:.2e}", phase="adam")
+    adam_steps = steps
+    if fit["kl"] >= cfg.target_kl and steps < cfg.max_steps:  # phase 2: L-BFGS from where Adam stalled
+        lbfgs = torch.optim.LBFGS(
+            params, lr=1.0, max_iter=LBFGS_ITERATIONS_PER_STEP, history_size=20, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> Tensor:
+            nonlocal steps, fit
+            lbfgs.zero_grad(set_to_none=True)
+            loss, fit = loss_and_fit()
+            loss.backward()
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(kl=f"{fit['kl']:.2e}", phase="lbfgs")
+            return loss
+
+        while steps < cfg.max_steps and fit["kl"] >= cfg.target_kl:
+            before = steps
+            lbfgs.step(closure)
+            if steps == before + 1:  # converged to a stationary point: nothing left to gain
+                break
+    bar.close()
     policy.eval()
     with torch.no_grad():
-        report = candidate_fit(model_logps(policy, rows, chunk_tokens).view_as(target), target)
-    report.update(steps=steps, seconds=round(time.perf_counter() - start, 2), cached=False)
-    return report
+        _, fit = loss_and_fit()  # the report reads the parameters the policy keeps
+    for p in params:
+        p.grad = None  # nothing of the fit may leak into the first preference step
+    return {
+        **fit,
+        "steps": steps,
+        "adam_steps": adam_steps,
+        "lbfgs_evaluations": steps - adam_steps,
+        "seconds": round(time.perf_counter() - start, 2),
+        "cached": False,
+    }
 
 
 def check_fit(report: dict[str, float], cfg: ReferenceFitConfig) -> None:
     if report["kl"] > cfg.max_kl:
         raise ReferenceFitError(
             f"reference fit ended at KL(pi_ref || pi_theta0) = {report['kl']:.4f} > "
-            f"trainer.reference_fit.max_kl = {cfg.max_kl} after {report['steps']} steps; raise "
-            "trainer.reference_fit.max_steps or .lr, or give the model more capacity"
+            f"trainer.reference_fit.max_kl = {cfg.max_kl} after {report['steps']} steps "
+            f"(worst prompt {report['kl_max']:.4f}, outside mass {report['outside_mass']:.3f}); raise "
+            f"trainer.reference_fit.max_steps (now {cfg.max_steps}), give the model more capacity "
+            "(model.hidden_size, model.num_layers) or accept a looser fit with trainer.reference_fit.max_kl"
         )
 
 

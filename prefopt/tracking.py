@@ -7,12 +7,15 @@ with an API key and offline otherwise (or when going online fails), and says how
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 import time
 from pathlib import Path
 
 from prefopt.config import LoggerConfig
+
+log = logging.getLogger(__name__)
 
 
 def _has_api_key() -> bool:
@@ -27,7 +30,8 @@ def _has_api_key() -> bool:
 class Tracker:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str, group: str | None):
         self.run_dir = run_dir
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
+        # "x": a run dir holds one run; a second run there must not mix its records into the first's
+        self.metrics_file = open(run_dir / "metrics.jsonl", "x")  # noqa: SIM115 - closed in finish()
         self.start = time.perf_counter()
         self.wandb_run = None
         if cfg.name == "wandb" and cfg.mode != "disabled":
@@ -46,14 +50,16 @@ class Tracker:
                 {k: v for k, v in values.items() if isinstance(v, (int, float, str))}
             )
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl and the W&B run (marked failed with a non-zero `exit_code`); idempotent."""
         self.metrics_file.close()
         if self.wandb_run is not None:
-            offline = self.wandb_run.settings.mode == "offline"
-            directory = self.wandb_run.dir
-            self.wandb_run.finish()
+            run, self.wandb_run = self.wandb_run, None
+            offline = run.settings.mode == "offline"
+            directory = run.dir
+            run.finish(exit_code=exit_code)
             if offline:
-                print(f"[prefopt] W&B ran offline; upload with: wandb sync {Path(directory).parent}")
+                log.info("W&B ran offline; upload with: wandb sync %s", Path(directory).parent)
 
 
 def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str, group: str | None):
@@ -75,5 +81,5 @@ def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str, 
     except Exception as error:  # no network, bad key: keep the run, log offline
         if mode != "online":
             raise
-        print(f"[prefopt] W&B online start failed ({error}); logging offline instead")
+        log.warning("W&B online start failed (%s); logging offline instead", error)
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)

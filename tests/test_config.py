@@ -262,6 +262,16 @@ def test_strength_leaves_simpo_on_its_own_scale_and_an_explicit_value_wins():
         (["objective=expo", "objective.kl_estimator=bogus"], ["objective", "kl_estimator"]),
         (["+bogus_top=1"], ["bogus_top"]),
         (["seed=abc"], ["seed"]),
+        (["eval.eval_every_steps=0"], ["eval.eval_every_steps"]),
+        (["eval.batch_size=0"], ["eval.batch_size"]),
+        (["logger.name=wandbb"], ["logger.name", "wandb"]),
+        (["logger.mode=ofline"], ["logger.mode", "offline"]),
+        (["trainer.num_threads=0"], ["trainer.num_threads"]),
+        (["trainer.reference_fit.lr=0"], ["trainer.reference_fit.lr"]),
+        (
+            ["dataset=preference", "dataset.path=x.jsonl", "trainer.reference_fit.enabled=true"],
+            ["trainer.reference_fit.enabled"],
+        ),
     ],
 )
 def test_bad_values_raise_a_config_error_naming_the_key(overrides: list[str], names: list[str]):
@@ -312,16 +322,14 @@ CLI_CASES = {
 @pytest.fixture(autouse=True, scope="module")
 def cli_runs(tmp_path_factory) -> dict[str, dict]:
     """`python -m prefopt train ...` from the repo root, run dirs in a temp dir. Started when the module's
-    first test starts, side by side and in the background; each records its own wall time when it exits."""
+    first test starts, side by side and in the background."""
     base = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "PREFOPT_CACHE": str(base / "cache"), "WANDB_MODE": "disabled"}
     runs: dict[str, dict] = {}
 
     def run(name: str, command: list[str]) -> None:
-        started = time.monotonic()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        seconds = time.monotonic() - started
-        runs[name] |= {"rc": done.returncode, "seconds": seconds, "output": done.stdout + done.stderr}
+        runs[name] |= {"rc": done.returncode, "output": done.stdout + done.stderr}
 
     threads = []
     for name, args in CLI_CASES.items():
@@ -344,11 +352,12 @@ def finished(runs: dict[str, dict], name: str) -> dict:
 
 
 @pytest.mark.parametrize(("case", "named"), [("unknown_objective", "nonexistent"), ("bad_lr", "trainer.lr")])
-def test_cli_bad_config_exits_nonzero_fast_and_builds_nothing(cli_runs, case: str, named: str):
+def test_cli_bad_config_exits_nonzero_names_the_key_and_builds_nothing(cli_runs, case: str, named: str):
+    """No model, data or metrics file is touched: the error comes from validation alone."""
     run = finished(cli_runs, case)
     assert run["rc"] != 0
-    assert run["seconds"] < 10
     assert named in run["output"]
+    assert "Traceback" not in run["output"]
     built = list(itertools.chain(run["run_dir"].rglob("checkpoint"), run["run_dir"].rglob("metrics.jsonl")))
     assert built == []
 

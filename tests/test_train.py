@@ -64,21 +64,125 @@ def test_run_dir_holds_metrics_eval_and_a_loadable_checkpoint(tmp_path):
     assert model(ids).logits.shape[-1] == len(tokenizer)
 
 
-def test_a_checkpoint_is_the_next_runs_model_through_from_pretrained(tmp_path):
+def test_a_checkpoint_is_the_next_runs_model_and_continues_without_a_new_reference_fit(tmp_path):
     """The Hugging Face loading path on a tiny model saved with save_pretrained: same task, same numbers
-    at step 0 as the policy that was saved."""
+    at step 0 as the policy that was saved; the supervised reference fit does not run again (it would undo
+    the first run's training)."""
     first = run_training(tmp_path / "first", "trainer.max_steps=4")
     second = run_training(
         tmp_path / "second",
         "model=pretrained",
         f"model.name_or_path={tmp_path / 'first' / 'checkpoint'}",
-        "trainer.reference_fit.max_steps=0",
         "trainer.max_steps=2",
         tiny_model=False,
     )
+    assert second["reference_fit"] is None
     assert second["reference_eval"]["eval/kl_star"] == pytest.approx(
         first["final_eval"]["eval/kl_star"], rel=1e-4
     )
+
+
+def step_records(run_dir, key="train/loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_jsonl(run_dir / "metrics.jsonl") if key in r]
+
+
+def test_a_fresh_and_a_cached_reference_fit_train_identically(tmp_path, monkeypatch):
+    """The fit leaves no gradient and no random state behind: the run that fits the reference and the run
+    that loads it from the cache take bit-identical steps."""
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+    steps = ["trainer.max_steps=6", "trainer.log_every_steps=1", "seed=3"]
+    fresh = run_training(tmp_path / "fresh", *steps)
+    cached = run_training(tmp_path / "cached", *steps)
+    assert not fresh["reference_fit"]["cached"] and cached["reference_fit"]["cached"]
+    for key in ["train/loss", "train/grad_norm"]:
+        assert step_records(tmp_path / "cached", key) == step_records(tmp_path / "fresh", key)
+    assert len(step_records(tmp_path / "fresh")) == 6
+    assert cached["final_eval"] == fresh["final_eval"]
+
+
+def test_hpo_with_its_extra_terms_off_takes_exactly_dpos_steps(tmp_path):
+    """gamma = value_coef = margin_alpha = 0 leaves HPO's dpo base alone; the value head it still builds
+    must not move the policy's numbers (nor, through the random state, anything else)."""
+    steps = ["trainer.max_steps=6", "trainer.log_every_steps=1"]
+    dpo = run_training(tmp_path / "dpo", "objective=dpo", *steps)
+    hpo = run_training(
+        tmp_path / "hpo",
+        "objective=hpo",
+        "objective.gamma=0",
+        "objective.value_coef=0",
+        "objective.margin_alpha=0",
+        *steps,
+    )
+    for key in ["train/loss", "train/grad_norm", "train/rewards/margins"]:
+        assert step_records(tmp_path / "hpo", key) == step_records(tmp_path / "dpo", key)
+    assert hpo["final_eval"]["eval/loss"] == dpo["final_eval"]["eval/loss"]
+
+
+def test_step_metrics_leave_per_prompt_detail_to_eval_json(tmp_path):
+    summary = run_training(tmp_path, "trainer.max_steps=4")
+    logged = set().union(*read_jsonl(tmp_path / "metrics.jsonl"))
+    assert not [k for k in logged if "/p0" in k]
+    assert not [k for k in summary["final_eval"] if "/p0" in k]
+    final = json.loads((tmp_path / "eval.json").read_text())["final"]
+    assert final["eval/pi_theta/p0/y0"] > 0 and "eval/outside_mass/p0" in final
+    assert summary["final_eval"]["eval/outside_mass"] == pytest.approx(
+        sum(final[f"eval/outside_mass/p{p}"] for p in range(6)) / 6
+    )
+
+
+def test_convergence_report_against_the_minimizer_of_the_runs_own_pairs(tmp_path):
+    """A long full-batch EXPO run on a 2-prompt task settles: converged, and its renormalised policy is
+    within 0.02 (total variation) of the exact minimizer of its own training pairs."""
+    summary = run_training(
+        tmp_path,
+        "objective=expo",
+        "objective.lam=1.0",
+        "dataset.num_prompts=2",
+        "trainer.batch_size=1000",
+        "trainer.max_steps=150",
+        "trainer.lr=3e-3",
+        "trainer.lr_schedule=constant_with_warmup",
+        "trainer.reference_fit.max_kl=0.01",
+        "eval.eval_every_steps=150",
+    )
+    convergence = summary["convergence"]
+    assert convergence["converged"], convergence["reasons"]
+    assert abs(convergence["loss_change_last_10pct"]) < 0.01
+    assert len(convergence["minimizer"]) == 2 and len(convergence["minimizer"][0]) == 3
+    assert sum(convergence["minimizer"][0]) == pytest.approx(1.0)
+    assert convergence["tv_to_minimizer"] < 0.02
+    assert convergence["outside_mass"] == summary["final_eval"]["eval/outside_mass"]
+
+
+def test_a_short_run_is_reported_as_not_converged(tmp_path):
+    convergence = run_training(tmp_path, "trainer.max_steps=10", "trainer.lr=3e-3")["convergence"]
+    assert convergence["converged"] is False
+    assert convergence["reasons"]
+    assert convergence["tv_to_minimizer"] > 0.01
+
+
+def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
+    from prefopt.train import RunDirInUse
+
+    run_training(tmp_path, "trainer.max_steps=2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunDirInUse, match="metrics.jsonl"):
+        run_training(tmp_path, "trainer.max_steps=2")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, monkeypatch):
+    from prefopt.reference_fit import ReferenceFitError
+    from prefopt.tracking import Tracker
+
+    closed = []
+    finish = Tracker.finish
+    monkeypatch.setattr(Tracker, "finish", lambda self, exit_code=0: closed.append(exit_code) or finish(self))
+    with pytest.raises(ReferenceFitError, match="trainer.reference_fit.max_steps"):
+        run_training(tmp_path, "trainer.reference_fit.max_steps=3", "trainer.reference_fit.max_kl=1e-6")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "ReferenceFitError" in summary["error"]
+    assert closed == [1]
 
 
 def test_same_seed_same_run_on_cpu(tmp_path):

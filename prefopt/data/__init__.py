@@ -51,11 +51,12 @@ class DatasetSpec:
     config: type
     load: Callable[[Any, int], TextData]
     description: str
+    ground_truth: bool = False  # the task knows pi*, pi_ref and the oracle (exact metrics, reference fit)
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec(
-        SyntheticConfig, load_synthetic, "generated task with known pi*, pi_ref, oracle"
+        SyntheticConfig, load_synthetic, "generated task with known pi*, pi_ref, oracle", ground_truth=True
     ),
     "preference": DatasetSpec(
         PreferenceFileConfig, load_files, "prompt/chosen/rejected rows via load_dataset"

@@ -190,7 +190,9 @@ def _distinct_responses(cfg: SyntheticConfig, count: int, rng: np.random.Generat
     return responses
 
 
-def exact_metrics(task: SyntheticTask, policy_logps, reference_logps, aux_rewards=None) -> dict[str, float]:
+def exact_metrics(
+    task: SyntheticTask, policy_logps, reference_logps, aux_rewards=None, aux_components=None
+) -> dict[str, float]:
     """Ground-truth metrics by enumerating each prompt's candidates (torch tensors, all (P, K)).
 
     pi_theta and pi_ref below are the models' sequence probabilities renormalised over the candidates;
@@ -199,7 +201,8 @@ def exact_metrics(task: SyntheticTask, policy_logps, reference_logps, aux_reward
       kl_policy_reference  KL(pi_theta || pi_ref)
       oracle_reward    E_{y ~ pi_theta} r*(x, y), r* = log pi*
       win_rate         sum_{y, y'} pi_theta(y) pi_ref(y') p*(y > y'), a tie counting 1/2
-      aux_reward       E_{y ~ pi_theta} R(x, y)
+      aux_reward       E_{y ~ pi_theta} R(x, y); aux_reward/<name> the same for each unweighted r_k
+    and per prompt p: outside_mass/p<p>, pi_theta/p<p>/y<k>.
     """
     import torch
 
@@ -218,6 +221,8 @@ def exact_metrics(task: SyntheticTask, policy_logps, reference_logps, aux_reward
     }
     if aux_rewards is not None:
         per_prompt["aux_reward"] = (policy * aux_rewards.double().cpu()).sum(-1)
+    for name, scores in (aux_components or {}).items():
+        per_prompt[f"aux_reward/{name}"] = (policy * scores.double().cpu()).sum(-1)
     metrics = {name: float(values.mean()) for name, values in per_prompt.items()}
     good = torch.as_tensor(task.good)
     for subset, mask in (("good", good), ("bad", ~good)):
