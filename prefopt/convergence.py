@@ -11,7 +11,8 @@ The report goes into summary.json and every sweep report:
                           and pi_min the exact minimizer of the objective on the run's OWN training pairs with
                           the run's own reference (`population.tabular_minimizer`): what a converged run must
                           reach, free of the sampling noise of its data
-A run counts as converged when the loss has settled and the gradient has shrunk; the distance to the
+A run counts as converged when the loss has settled and, for full-batch steps (where the gradient is the
+objective's own, not a mini-batch's noisy estimate of it), the gradient has shrunk; the distance to the
 minimizer is reported beside it (a converged run far from its minimizer is a finding, not a failure to train).
 """
 
@@ -48,8 +49,10 @@ def convergence_report(
     outside_mass: float | None = None,
     minimizer: list[list[float]] | None = None,
     policy: list[list[float]] | None = None,
+    full_batch: bool = True,
 ) -> dict:
-    """The run's convergence section; `minimizer` and `policy` are (P, K) candidate distributions."""
+    """The run's convergence section; `minimizer` and `policy` are (P, K) candidate distributions.
+    With mini-batches the gradient norm is reported but not judged: at the optimum it is noise."""
     change = loss_change(step_losses)
     final_norm = grad_norms[-1] if grad_norms else None
     peak = max(grad_norms, default=0.0)
@@ -62,7 +65,7 @@ def convergence_report(
             f"the last tenth of the steps made {100 * change:+.1f}% of the run's loss change "
             f"(eval.convergence.loss_rtol = {100 * cfg.loss_rtol:g}%)"
         )
-    if ratio is not None and not ratio <= cfg.grad_norm_ratio:
+    if full_batch and ratio is not None and not ratio <= cfg.grad_norm_ratio:
         reasons.append(
             f"final gradient norm {final_norm:.3g} is {100 * ratio:.0f}% of the run's largest "
             f"(eval.convergence.grad_norm_ratio = {100 * cfg.grad_norm_ratio:g}%)"
@@ -76,6 +79,7 @@ def convergence_report(
         "loss_change_last_10pct": change,
         "final_grad_norm": final_norm,
         "grad_norm_ratio": ratio,
+        "full_batch": full_batch,
         "outside_mass": outside_mass,
         "tv_to_minimizer": sum(tv_per_prompt) / len(tv_per_prompt) if tv_per_prompt else None,
         "tv_per_prompt": tv_per_prompt,

@@ -12,6 +12,7 @@ beside the infinite-data one.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import subprocess
@@ -31,9 +32,12 @@ from prefopt.population import (
     strength_key,
     total_variation,
 )
+from prefopt.progress import progress
 from prefopt.report import CONVERGED, Job, converged_label, job_value, load_sweep, write_report
 from prefopt.report_figures import fmt, fmt_value
 
+log = logging.getLogger("prefopt.reproduce")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TV_TOLERANCE = 0.01  # a converged run agrees with its own-pairs minimizer when their TV is at most this
 KEYS = ["objective", "strength", "context"]  # a cell of the theory check
 THEORY_COLUMNS = [*KEYS, "job", CONVERGED, "quantity", "measured", "own", "tv", "infinite"]
@@ -61,6 +65,8 @@ EXPERIMENTS: dict[str, list[list[str]]] = {
 
 
 def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
+    """Run the experiment's sweeps through the real CLI and report them. The jobs log to their own
+    train.log; the terminal gets one progress bar (or, off a terminal, one line per finished job)."""
     sweep_dir = out / name
     for index, extra in enumerate(EXPERIMENTS[name]):
         command = [
@@ -72,12 +78,51 @@ def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
             f"+experiment={name}",
             f"hydra.sweep.dir={sweep_dir}",
             f"hydra.sweep.subdir={index}_${{hydra.job.num}}",
+            "+hydra.job_logging.handlers.console.level=WARNING",  # each job's log is in its train.log
             *extra,
             *overrides,
         ]
-        print(f"[reproduce] {name}: {' '.join(command[3:])}", flush=True)
-        subprocess.run(command, check=True)
+        log.info("%s: %s", name, " ".join(command[3:]))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        output = sweep_dir / f"sweep_{index}.log"
+        with output.open("w") as sink:
+            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+            _follow(process, sweep_dir, f"{index}_", _job_count(name, [*extra, *overrides]), name)
+        if process.returncode != 0:
+            raise RuntimeError(f"{name}: the sweep failed (exit {process.returncode}); see {output}")
     return write_report(sweep_dir)
+
+
+def _job_count(name: str, overrides: list[str]) -> int:
+    """Jobs in one sweep: the product of the sweep sizes of the experiment's and the extra overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params
+    merged = {str(k): str(v) for k, v in params.items()}
+    merged |= dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra."))
+    count = 1
+    for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in merged.items()]):
+        count *= len(list(override.sweep_iterator())) if override.is_sweep_override() else 1
+    return count
+
+
+def _follow(process: subprocess.Popen, sweep_dir: Path, prefix: str, total: int, name: str) -> None:
+    """Until `process` ends, report each job of the sweep whose summary.json appears."""
+    seen: set[str] = set()
+    with progress(total=total, desc=name, unit="job") as bar:
+        while True:
+            running = process.poll() is None
+            for summary in sorted(sweep_dir.glob(f"{prefix}*/summary.json")):
+                if summary.parent.name in seen:
+                    continue
+                seen.add(summary.parent.name)
+                bar.update(1)
+                if bar.disable:
+                    log.info("%s: job %s finished (%d/%d)", name, summary.parent.name, len(seen), total)
+            if not running:
+                return
+            time.sleep(1.0)
 
 
 def theory_rows(jobs: list[Job]) -> tuple[pd.DataFrame, list[str]]:
@@ -297,12 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="repeat to pick several")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. logger=none")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     started = time.perf_counter()
     names = args.only or list(EXPERIMENTS)
     for name in names:
         run_experiment(name, args.out, args.overrides)
     path = assemble_report(args.out, names, time.perf_counter() - started)
-    print(f"[reproduce] report: {path.resolve()}")
+    log.info("report: %s", path.resolve())
     return 0
 
 

@@ -161,7 +161,8 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
             run_eval(step)
     bar.close()
     final_eval, final_detail = run_eval(rc.trainer.max_steps)
-    convergence = _convergence(rc, run, step_losses, grad_norms, final_eval, final_detail)
+    full_batch = sampler.batch_size == len(run.train)
+    convergence = _convergence(rc, run, step_losses, grad_norms, final_eval, final_detail, full_batch)
     if rc.trainer.save_checkpoint:
         run.policy.save_pretrained(run_dir / "checkpoint", safe_serialization=True)
         run.tokenizer.save_pretrained(run_dir / "checkpoint")
@@ -188,7 +189,9 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     }
 
 
-def _convergence(rc: RunConfig, run, step_losses, grad_norms, final_eval: dict, final_detail: dict) -> dict:
+def _convergence(
+    rc: RunConfig, run, step_losses, grad_norms, final_eval: dict, final_detail: dict, full_batch: bool
+) -> dict:
     """summary.json's convergence section; on a ground-truth task, against the minimizer of the run's
     own training pairs (see `prefopt.convergence`)."""
     import torch
@@ -216,8 +219,9 @@ def _convergence(rc: RunConfig, run, step_losses, grad_norms, final_eval: dict, 
             [final_detail[f"eval/pi_theta/p{p}/y{k}"] for k in range(num_candidates)]
             for p in range(num_prompts)
         ]
+    outside = final_eval.get("eval/outside_mass")
     return convergence_report(
-        step_losses, grad_norms, rc.eval.convergence, final_eval.get("eval/outside_mass"), minimizer, policy
+        step_losses, grad_norms, rc.eval.convergence, outside, minimizer, policy, full_batch
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -263,27 +264,32 @@ def test_wandb_offline_run_is_written_next_to_the_run(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
-def test_cli_multirun_leaves_one_complete_run_dir_per_job(tmp_path):
+TINY_CLI = [
+    "trainer.max_steps=2",
+    "trainer.reference_fit.max_steps=50",
+    "trainer.reference_fit.max_kl=10",
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "dataset.num_prompts=4",
+    "logger=none",
+]
+
+
+def prefopt_train(*args: str, cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFOPT_CACHE": str(cache)}
+    command = [sys.executable, "-m", "prefopt", "train", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_multirun_leaves_one_complete_run_dir_per_job_with_the_numbers_of_a_run_alone(tmp_path):
+    """Two jobs side by side, then job 0's config alone in a fresh cache: a job's thread count does not
+    depend on how many run at once, so its numbers are the same."""
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "prefopt",
-        "train",
-        "-m",
-        "objective.beta=0.05,0.5",
-        "trainer.max_steps=2",
-        "trainer.reference_fit.max_steps=50",
-        "trainer.reference_fit.max_kl=10",
-        "model.num_layers=1",
-        "model.hidden_size=32",
-        "model.num_heads=2",
-        "model.intermediate_size=64",
-        "dataset.num_prompts=4",
-        "logger=none",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = prefopt_train(
+        "-m", "objective.beta=0.05,0.5", *TINY_CLI, f"hydra.sweep.dir={sweep}", cache=tmp_path / "c1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
@@ -301,7 +307,37 @@ def test_cli_multirun_leaves_one_complete_run_dir_per_job(tmp_path):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["status"] == "completed"
         betas.add(summary["final_eval"] and _beta_of(job))
+        log = (job / "train.log").read_text()  # the run's whole log, not only the terminal's
+        assert "reference fit: KL(pi_ref || pi_theta0)" in log and "eval @ step 2" in log
+        assert "finished" in log
     assert betas == {0.05, 0.5}
+    alone = tmp_path / "alone"
+    result = prefopt_train("objective.beta=0.05", *TINY_CLI, f"hydra.run.dir={alone}", cache=tmp_path / "c2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    in_sweep = json.loads((sweep / "0" / "summary.json").read_text())
+    by_itself = json.loads((alone / "summary.json").read_text())
+    assert by_itself["final_eval"] == in_sweep["final_eval"]
+    assert by_itself["final_train"]["train/loss"] == in_sweep["final_train"]["train/loss"]
+
+
+def test_cli_errors_are_one_line_and_the_traceback_goes_to_train_log(tmp_path):
+    """A reference fit that cannot reach max_kl fails at run time: one line on the terminal naming what to
+    change, the traceback in train.log, a failed summary.json."""
+    run_dir = tmp_path / "run"
+    result = prefopt_train(
+        *TINY_CLI,
+        "trainer.reference_fit.max_steps=2",
+        "trainer.reference_fit.max_kl=1e-6",
+        f"hydra.run.dir={run_dir}",
+        cache=tmp_path / "cache",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert "trainer.reference_fit.max_steps" in result.stderr
+    assert "Traceback" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    again = prefopt_train(*TINY_CLI, f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    assert again.returncode == 2 and "metrics.jsonl" in again.stderr
 
 
 def _beta_of(job):
