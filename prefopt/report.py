@@ -26,20 +26,28 @@ metrics (`eval/pi_theta/p0/y0`); they are read from `eval.json`.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from prefopt import report_figures as figures
-from prefopt.report_figures import CONVERGED, FigureResult, FigureSpec, fmt, fmt_value, sort_key
+from prefopt.report_figures import CONVERGED, FigureResult, FigureSpec
+from prefopt.report_format import fmt, fmt_value, sort_key
+from prefopt.sweep import (
+    OUTSIDE_MASS,
+    PER_PROMPT,
+    Job,
+    history_frame,
+    job_value,
+    load_sweep,
+    reference_value,
+    report_node,
+    runs_frame,
+    swept_keys,
+    with_detail,
+)
 
 PRIORITY_METRICS = [  # summary-table metrics when no figure names any, most telling first
     "eval/rewards/accuracies",
@@ -53,150 +61,7 @@ PRIORITY_METRICS = [  # summary-table metrics when no figure names any, most tel
 ]
 MAX_TABLE_METRICS = 8
 SEED_KEY = "seed"
-OUTSIDE_MASS = "eval/outside_mass"  # always in the summary table when present
-PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a per-prompt metric: eval/pi_theta/p0/y1, eval/outside_mass/p3
-CONVERGENCE_VALUES = [
-    "loss_change_last_10pct",
-    "final_grad_norm",
-    "grad_norm_ratio",
-    "outside_mass",
-    "tv_to_minimizer",
-]
 MAX_LISTED_CELLS = 20
-
-
-@dataclass
-class Job:
-    """One job dir of a sweep, as read from disk."""
-
-    name: str
-    path: Path
-    overrides: dict[str, Any]
-    config: DictConfig | None
-    summary: dict | None  # None when summary.json is absent or unreadable
-    problem: str = ""  # why there is no summary
-    history: list[dict] = field(default_factory=list)
-    evals: dict = field(default_factory=dict)  # eval.json: "final" and "reference" with per-prompt detail
-
-    @property
-    def status(self) -> str:
-        return "missing" if self.summary is None else str(self.summary.get("status", "unknown"))
-
-    @property
-    def convergence(self) -> dict:
-        section = (self.summary or {}).get("convergence")
-        return section if isinstance(section, dict) else {}
-
-    @property
-    def converged(self) -> bool | None:
-        """The run's convergence verdict; None when it could not be judged or was not recorded."""
-        verdict = self.convergence.get("converged")
-        return verdict if isinstance(verdict, bool) else None
-
-    def detail(self, section: str) -> dict[str, float]:
-        """Metrics of eval.json's `final` or `reference`, falling back to summary.json (old run dirs)."""
-        fallback = {"final": "final_eval", "reference": "reference_eval"}[section]
-        return flat_metrics((self.summary or {}).get(fallback)) | flat_metrics(self.evals.get(section))
-
-
-def load_sweep(sweep_dir: Path) -> list[Job]:
-    """Every job dir under `sweep_dir`, numeric names in numeric order."""
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep dir not found: {sweep_dir}")
-    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra").is_dir()]
-    if not dirs:
-        raise ValueError(f"no job dirs (children with a .hydra/ dir) in {sweep_dir}")
-    dirs.sort(key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
-    return [load_job(d) for d in dirs]
-
-
-def load_job(path: Path) -> Job:
-    config = _read(path / ".hydra" / "config.yaml", OmegaConf.load)
-    summary, problem = None, "no summary.json"
-    if (path / "summary.json").is_file():
-        summary = _read(path / "summary.json", lambda p: json.loads(p.read_text()))
-        problem = "" if isinstance(summary, dict) else "unreadable summary.json"
-        summary = summary if isinstance(summary, dict) else None
-    raw = _read(path / ".hydra" / "overrides.yaml", OmegaConf.load)
-    raw = list(raw) if raw is not None else (summary or {}).get("overrides") or []
-    evals = _read(path / "eval.json", lambda p: json.loads(p.read_text())) if summary else None
-    evals = evals if isinstance(evals, dict) else {}
-    overrides = dict(parse_override(str(item)) for item in raw if "=" in str(item))
-    return Job(path.name, path, overrides, config, summary, problem, evals.get("history") or [], evals)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`+objective.beta=0.1` -> ("objective.beta", 0.1): numbers become floats, everything else a string."""
-    key, _, value = text.partition("=")
-    value = value.strip().strip("'\"")
-    try:
-        number = float(value)
-    except ValueError:
-        return key.lstrip("+~").strip(), value
-    return key.lstrip("+~").strip(), number
-
-
-def job_value(job: Job, key: str) -> Any:
-    """A scalar for `key`: the job's override, else its config value (unresolvable -> None), else summary."""
-    if key in job.overrides:
-        return job.overrides[key]
-    value = None
-    if job.config is not None:
-        try:
-            value = OmegaConf.select(job.config, key, default=None, throw_on_missing=False)
-        except OmegaConfBaseException:  # e.g. an interpolation whose resolver only exists at train time
-            value = None
-    if value is None or isinstance(value, DictConfig) or OmegaConf.is_list(value):
-        value = (job.summary or {}).get(key)
-    if isinstance(value, (bool, str)):
-        return value
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def flat_metrics(values: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a (possibly nested) dict, nested keys joined with '/'."""
-    flat: dict[str, float] = {}
-    for key, value in (values or {}).items() if isinstance(values, dict) else []:
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flat_metrics(value, f"{name}/")
-        elif isinstance(value, (int, float)):
-            flat[name] = float(value)
-    return flat
-
-
-def runs_frame(jobs: list[Job]) -> pd.DataFrame:
-    """One row per job: job, override keys, status, runtime_s, the convergence report (`converged` and its
-    numbers) and the final eval and train metrics, without per-prompt metrics."""
-    rows = []
-    for job in jobs:
-        summary = job.summary or {}
-        metrics = flat_metrics(summary.get("final_eval")) | flat_metrics(summary.get("final_train"))
-        metrics = {key: value for key, value in metrics.items() if not PER_PROMPT.search(key)}
-        numbers = {key: _number(job.convergence.get(key)) for key in CONVERGENCE_VALUES}
-        if OUTSIDE_MASS in metrics:
-            del numbers["outside_mass"]
-        status = {
-            "status": job.status,
-            "runtime_s": _number(summary.get("runtime_s")),
-            CONVERGED: job.converged,
-        }
-        rows.append({"job": job.name, **job.overrides, **status, **numbers, **metrics})
-    return pd.DataFrame(rows)
-
-
-def with_detail(runs: pd.DataFrame, jobs: list[Job], metrics: list[str]) -> pd.DataFrame:
-    """`runs` plus a column per named metric it lacks, read from each job's eval.json (per-prompt detail)."""
-    by_name = {job.name: job for job in jobs}
-    details = {name: job.detail("final") for name, job in by_name.items()}
-    missing = [m for m in dict.fromkeys(metrics) if m not in runs.columns]
-    return runs.assign(**{m: [details[name].get(m, math.nan) for name in runs["job"]] for m in missing})
-
-
-def swept_keys(jobs: list[Job]) -> list[str]:
-    """Override keys that take more than one value across jobs (a key absent from some jobs counts)."""
-    keys = list(dict.fromkeys(key for job in jobs for key in job.overrides))
-    return [key for key in keys if len({fmt_value(job.overrides.get(key)) for job in jobs}) > 1]
 
 
 def key_metrics(runs: pd.DataFrame, named: list[str]) -> list[str]:
@@ -240,40 +105,6 @@ def converged_label(group: pd.DataFrame) -> str:
     if unknown == len(group):
         return "not judged"
     return f"{converged}/{len(group)}" + (f" ({unknown} not judged)" if unknown else "")
-
-
-def history_frame(jobs: list[Job]) -> pd.DataFrame:
-    """One row per eval step of each job: job, step and the numeric metrics logged there."""
-    rows = [{"job": job.name, **flat_metrics(entry)} for job in jobs for entry in job.history]
-    return pd.DataFrame([row for row in rows if "step" in row])
-
-
-def reference_value(ref: Any, jobs: list[Job]) -> float | None:
-    """A number, or '<summary section>/<metric>' averaged over the jobs that have it (reference_eval and
-    final_eval metrics also from eval.json, which holds the per-prompt ones)."""
-    if isinstance(ref, (int, float)) and not isinstance(ref, bool):
-        return float(ref)
-    section, _, metric = str(ref).partition("/")
-    detail = {"reference_eval": "reference", "final_eval": "final"}.get(section)
-    read = [job.detail(detail) if detail else flat_metrics(job.summary.get(section)) for job in jobs]
-    values = [found.get(metric) for job, found in zip(jobs, read) if job.summary]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def report_node(jobs: list[Job]) -> dict:
-    """The `report:` node of the first completed job's config, as plain data ({} when absent)."""
-    for job in jobs:
-        if job.config is None:
-            continue
-        node = OmegaConf.select(job.config, "report", default=None, throw_on_missing=False)
-        if not isinstance(node, DictConfig):
-            return {}
-        try:
-            return OmegaConf.to_container(node, resolve=True)
-        except OmegaConfBaseException:
-            return OmegaConf.to_container(node, resolve=False)
-    return {}
 
 
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
@@ -415,18 +246,6 @@ def _describe_key(key: str, jobs: list[Job]) -> str:
     values = sorted({job.overrides.get(key) for job in jobs}, key=sort_key)
     shown = ", ".join(fmt_value(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
     return f"`{key}` ({shown})"
-
-
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
-def _read(path: Path, reader) -> Any:
-    """`reader(path)`, or None when the file is absent or unreadable (a report must not crash on one job)."""
-    try:
-        return reader(path) if path.is_file() else None
-    except (OSError, ValueError, OmegaConfBaseException):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,10 @@ from prefopt.population import (
     total_variation,
 )
 from prefopt.progress import progress
-from prefopt.report import CONVERGED, Job, converged_label, job_value, load_sweep, write_report
-from prefopt.report_figures import fmt, fmt_value
+from prefopt.report import converged_label, write_report
+from prefopt.report_figures import CONVERGED
+from prefopt.report_format import fmt, fmt_value
+from prefopt.sweep import Job, job_value, load_sweep
 
 log = logging.getLogger("prefopt.reproduce")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

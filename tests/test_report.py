@@ -23,6 +23,7 @@ import yaml
 
 from prefopt import report
 from prefopt import report_figures as figures
+from prefopt.sweep import job_value, load_job, parse_override
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -244,19 +245,19 @@ def test_main_without_jobs_returns_1(tmp_path: Path):
 
 
 def test_overrides_parse_numbers_as_floats():
-    assert report.parse_override("+experiment=expo_pres") == ("experiment", "expo_pres")
-    assert report.parse_override("strength=0.1") == ("strength", 0.1)
-    assert report.parse_override("seed=1") == ("seed", 1.0)
-    assert report.parse_override("++objective.beta=1e-2") == ("objective.beta", 0.01)
+    assert parse_override("+experiment=expo_pres") == ("experiment", "expo_pres")
+    assert parse_override("strength=0.1") == ("strength", 0.1)
+    assert parse_override("seed=1") == ("seed", 1.0)
+    assert parse_override("++objective.beta=1e-2") == ("objective.beta", 0.01)
 
 
 def test_job_value_prefers_overrides_then_config_then_summary(sweep: Path):
-    job = report.load_job(sweep / "4")  # expo, strength 0.1, seed 0
-    assert report.job_value(job, "strength") == 0.1
-    assert report.job_value(job, "objective.gamma") == 0.5
-    assert report.job_value(job, "objective.lam") is None  # unresolvable interpolation, not a crash
-    assert report.job_value(job, "status") == "completed"
-    assert report.job_value(job, "no.such.key") is None
+    job = load_job(sweep / "4")  # expo, strength 0.1, seed 0
+    assert job_value(job, "strength") == 0.1
+    assert job_value(job, "objective.gamma") == 0.5
+    assert job_value(job, "objective.lam") is None  # unresolvable interpolation, not a crash
+    assert job_value(job, "status") == "completed"
+    assert job_value(job, "no.such.key") is None
 
 
 # --- The run-dir format with a convergence report and per-prompt detail in eval.json only ---

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from prefopt import report, reproduce
 from prefopt.population import population_minimizer
+from prefopt.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PI_STAR, PI_REF = [0.6, 0.3, 0.1], [0.4, 0.4, 0.2]
@@ -173,7 +174,7 @@ def interpolation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_theory_rows_compare_each_run_with_its_own_pairs_minimizer(interpolation: Path):
-    rows, notes = reproduce.theory_rows(report.load_sweep(interpolation))
+    rows, notes = reproduce.theory_rows(load_sweep(interpolation))
     assert set(rows["objective"]) == {"expo", "dpo", "ipo"} and set(rows["context"]) == {"single"}
     expo = rows[rows["objective"] == "expo"].set_index("job")
     assert expo["tv"].tolist() == pytest.approx([0.002, 0.002])  # seed 1's policy renormalised first
@@ -186,7 +187,7 @@ def test_theory_rows_compare_each_run_with_its_own_pairs_minimizer(interpolation
 
 
 def test_theory_cells_verdicts(interpolation: Path):
-    cells = reproduce.theory_cells(reproduce.theory_rows(report.load_sweep(interpolation))[0])
+    cells = reproduce.theory_cells(reproduce.theory_rows(load_sweep(interpolation))[0])
     verdict = dict(zip(cells["objective"], cells["verdict"]))
     assert verdict == {"dpo": "disagrees", "expo": "agrees", "ipo": "not converged (1/2)"}
     expo = cells.set_index("objective").loc["expo"]
@@ -213,7 +214,7 @@ def test_theory_check_markdown_headline_and_table(interpolation: Path):
 
 def test_preservation_cells_are_per_context_and_agree(tmp_path: Path):
     sweep = preservation_sweep(tmp_path / "expo_preservation")
-    rows, notes = reproduce.theory_rows(report.load_sweep(sweep))
+    rows, notes = reproduce.theory_rows(load_sweep(sweep))
     assert set(rows["context"]) == {"good", "bad"} and set(rows["quantity"]) == {"KL(pi* || pi_theta)"}
     good = rows[(rows["context"] == "good") & (rows["job"] == "0")].iloc[0]
     assert good["own"] == pytest.approx(0.0)  # seed 0's own minimizer is pi* itself
