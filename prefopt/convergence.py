@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
 from prefopt.config import ConvergenceConfig
 from prefopt.population import empirical_weights, is_tabular, tabular_minimizer, total_variation
+
+if TYPE_CHECKING:
+    from prefopt.config import RunConfig
+    from prefopt.prepare import PreparedRun
 
 
 def loss_change(step_losses: list[float], share: float = 0.1) -> float | None:
@@ -109,3 +114,41 @@ def own_pairs_minimizer(
         pi = tabular_minimizer(objective_name, weights, reference[p], tokens[p], **asdict(hparams))
         result.append([float(v) for v in pi])
     return result
+
+
+def run_convergence(
+    rc: RunConfig,
+    run: PreparedRun,
+    step_losses: list[float],
+    grad_norms: list[float],
+    final_eval: dict,
+    final_detail: dict,
+    full_batch: bool,
+) -> dict:
+    """A finished run's convergence section; on a ground-truth task, against the minimizer of the run's
+    own training pairs, with the policy read from the final evaluation's per-prompt detail."""
+    minimizer = policy = None
+    if run.task is not None:
+        num_prompts, num_candidates = run.candidates.shape
+        where = {int(s): (p, k) for p, row in enumerate(run.candidates.tolist()) for k, s in enumerate(row)}
+        chosen = torch.tensor([where[int(s)] for s in run.train.chosen])  # (N, 2) (prompt, candidate)
+        rejected = torch.tensor([where[int(s)] for s in run.train.rejected])
+        ids = run.candidates.flatten()
+        reference = run.inputs.reference_logps[ids.to(run.inputs.reference_logps.device)].cpu()
+        tokens = run.table.pad(ids).response_tokens.view(num_prompts, num_candidates)
+        minimizer = own_pairs_minimizer(
+            rc.objective_name,
+            rc.objective,
+            chosen,
+            rejected,
+            reference.view(num_prompts, num_candidates),
+            tokens,
+        )
+        policy = [
+            [final_detail[f"eval/pi_theta/p{p}/y{k}"] for k in range(num_candidates)]
+            for p in range(num_prompts)
+        ]
+    outside = final_eval.get("eval/outside_mass")
+    return convergence_report(
+        step_losses, grad_norms, rc.eval.convergence, outside, minimizer, policy, full_batch
+    )

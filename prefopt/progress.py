@@ -17,3 +17,14 @@ def progress(iterable=None, **kwargs) -> tqdm:
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=not progress_enabled(), **kwargs)
+
+
+def quiet_library_progress_bars() -> None:
+    """Libraries' own bars (checkpoint shards, dataset maps) follow ours: off when not on a terminal."""
+    if progress_enabled():
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()

@@ -82,14 +82,16 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     import torch
     from transformers import get_scheduler
 
+    from prefopt.convergence import run_convergence
     from prefopt.data.batching import PairSampler, make_batch
     from prefopt.evaluate import evaluate
     from prefopt.prepare import prepare
-    from prefopt.progress import progress
+    from prefopt.progress import progress, quiet_library_progress_bars
     from prefopt.seeding import seed_everything
     from prefopt.step import pair_loss
 
     autocast = _autocast(rc.trainer.precision, device)
+    quiet_library_progress_bars()
     run = prepare(rc, device)
     seed_everything(rc.seed)  # training's randomness must not depend on what prepare did (fit or cache)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
@@ -161,8 +163,9 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
             run_eval(step)
     bar.close()
     final_eval, final_detail = run_eval(rc.trainer.max_steps)
-    full_batch = sampler.batch_size == len(run.train)
-    convergence = _convergence(rc, run, step_losses, grad_norms, final_eval, final_detail, full_batch)
+    convergence = run_convergence(
+        rc, run, step_losses, grad_norms, final_eval, final_detail, sampler.batch_size == len(run.train)
+    )
     if rc.trainer.save_checkpoint:
         run.policy.save_pretrained(run_dir / "checkpoint", safe_serialization=True)
         run.tokenizer.save_pretrained(run_dir / "checkpoint")
@@ -189,45 +192,14 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     }
 
 
-def _convergence(
-    rc: RunConfig, run, step_losses, grad_norms, final_eval: dict, final_detail: dict, full_batch: bool
-) -> dict:
-    """summary.json's convergence section; on a ground-truth task, against the minimizer of the run's
-    own training pairs (see `prefopt.convergence`)."""
-    import torch
-
-    from prefopt.convergence import convergence_report, own_pairs_minimizer
-
-    minimizer = policy = None
-    if run.task is not None:
-        num_prompts, num_candidates = run.candidates.shape
-        where = {int(s): (p, k) for p, row in enumerate(run.candidates.tolist()) for k, s in enumerate(row)}
-        chosen = torch.tensor([where[int(s)] for s in run.train.chosen])  # (N, 2) (prompt, candidate)
-        rejected = torch.tensor([where[int(s)] for s in run.train.rejected])
-        ids = run.candidates.flatten()
-        reference = run.inputs.reference_logps[ids.to(run.inputs.reference_logps.device)].cpu()
-        tokens = run.table.pad(ids).response_tokens.view(num_prompts, num_candidates)
-        minimizer = own_pairs_minimizer(
-            rc.objective_name,
-            rc.objective,
-            chosen,
-            rejected,
-            reference.view(num_prompts, num_candidates),
-            tokens,
-        )
-        policy = [
-            [final_detail[f"eval/pi_theta/p{p}/y{k}"] for k in range(num_candidates)]
-            for p in range(num_prompts)
-        ]
-    outside = final_eval.get("eval/outside_mass")
-    return convergence_report(
-        step_losses, grad_norms, rc.eval.convergence, outside, minimizer, policy, full_batch
-    )
+BRIEF = ["loss", "rewards/accuracies", "rewards/margins", "win_rate", "kl_star", "outside_mass", "grad_norm"]
+BRIEF += ["lr", "tokens_per_s"]
 
 
-def _brief(metrics: dict, limit: int = 6) -> str:
-    shown = [(k.split("/", 1)[1], v) for k, v in metrics.items() if "/" in k][:limit]
-    return ", ".join(f"{k}={v:.4g}" for k, v in shown)
+def _brief(metrics: dict) -> str:
+    """The telling part of a metrics dict for one log line (the rest is in metrics.jsonl and eval.json)."""
+    values = {k.split("/", 1)[1]: v for k, v in metrics.items() if "/" in k}
+    return ", ".join(f"{k}={values[k]:.4g}" for k in BRIEF if k in values)
 
 
 def _log_closing_summary(rc: RunConfig, summary: dict, run_dir: Path) -> None:
