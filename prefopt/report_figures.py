@@ -252,11 +252,15 @@ def _draw_scatter(spec, metrics, runs, history, group_keys, hlines):
     for ax, metric in zip(axes, metrics):
         points = _group_means(kept, by, [spec.x, metric])
         parts, labels = [], []
-        for hue, group in _groups(points, spec.hue):
+        hues = _groups(points, spec.hue)
+        for order, (hue, group) in enumerate(hues):
+            size = 6 + 4 * (len(hues) - 1 - order)  # earlier hues larger: coinciding points stay visible
             for style, part in _groups(group, spec.style):
                 xs, ys = part[f"{spec.x}_mean"], part[f"{metric}_mean"]
                 errors = {"xerr": part[f"{spec.x}_std"].fillna(0), "yerr": part[f"{metric}_std"].fillna(0)}
-                ax.errorbar(xs, ys, **errors, fmt=markers[style], capsize=3, color=colors[hue])
+                ax.errorbar(
+                    xs, ys, **errors, fmt=markers[style], markersize=size, capsize=3, color=colors[hue]
+                )
                 labels += _point_labels(spec, part, xs, ys)
             trend = describe_trend(group[f"{spec.x}_mean"], group[f"{metric}_mean"], spec.x, None)
             parts.append(f"{_named(spec.hue, hue)}: {trend}" if spec.hue else trend)
