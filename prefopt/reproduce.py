@@ -248,14 +248,20 @@ def theory_check(sweep_dir: Path) -> list[str]:
 
 def _contexts(job: Job, num_prompts: int) -> list[tuple[str, list[float] | None]]:
     """(label, pi*) per prompt: 'single' for a one-context task, else 'good'/'bad' (with the prompt index
-    when labels repeat); pi* None where the config does not list the contexts (a drawn task)."""
+    when labels repeat), from the config's contexts or the task recorded in eval.json; pi* None when
+    neither has it (an old run dir of a drawn task)."""
     listed = OmegaConf.select(job.config, "dataset.contexts", default=None) if job.config else None
-    if not listed or len(listed) != num_prompts:
+    task = job.evals.get("task") or {}  # a drawn task: the ground truth the run recorded
+    if listed and len(listed) == num_prompts:
+        stars = [list(context.pi_star) for context in listed]
+        kinds = ["good" if c.pi_ref is None or list(c.pi_ref) == s else "bad" for c, s in zip(listed, stars)]
+    elif len(task.get("pi_star") or []) == num_prompts:
+        stars = task["pi_star"]
+        kinds = ["good" if good else "bad" for good in task["good"]]
+    else:
         return [(f"p{i}", None) for i in range(num_prompts)]
     if num_prompts == 1:
-        return [("single", list(listed[0].pi_star))]
-    stars = [list(context.pi_star) for context in listed]
-    kinds = ["good" if c.pi_ref is None or list(c.pi_ref) == s else "bad" for c, s in zip(listed, stars)]
+        return [("single", stars[0])]
     repeated = len(set(kinds)) < len(kinds)
     return [(f"p{i} {kind}" if repeated else kind, star) for i, (kind, star) in enumerate(zip(kinds, stars))]
 

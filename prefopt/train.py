@@ -175,6 +175,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
                 "history": history,
                 "final": {**final_eval, **final_detail},
                 "reference": {**reference_eval, **reference_detail},
+                "task": _task_record(run.task),
             },
             indent=1,
         )
@@ -189,6 +190,19 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
         "convergence": convergence,
         "reference_fit": run.reference_fit,
         "runtime_s": round(time.perf_counter() - started, 2),
+    }
+
+
+def _task_record(task) -> dict | None:
+    """The ground truth the run was measured against, so reports need not rebuild a drawn task."""
+    if task is None:
+        return None
+    return {
+        "prompts": task.prompts,
+        "candidates": task.candidates,
+        "pi_star": task.pi_star.tolist(),
+        "pi_ref": task.pi_ref.tolist(),
+        "good": task.good.tolist(),
     }
 
 

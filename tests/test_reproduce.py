@@ -254,3 +254,24 @@ def test_old_run_dirs_are_skipped_not_crashed(tmp_path: Path):
     lines = reproduce.theory_check(tmp_path / "sweep")
     assert any(line.startswith("**0 of 0 cells agree") for line in lines)
     assert any(line.startswith("- Skipped expo (1 runs)") for line in lines)
+
+
+def test_a_drawn_task_is_checked_against_the_ground_truth_its_runs_recorded(tmp_path: Path):
+    """No contexts in the config (pi* drawn from the seed): the theory check reads pi* and which prompts
+    are good from eval.json's task record, so it measures KL(pi* || pi) and the infinite-data minimizer."""
+    sweep = preservation_sweep(tmp_path / "drawn")
+    task = {
+        "pi_star": [PI_STAR, [0.6, 0.2, 0.2]],
+        "pi_ref": [PI_STAR, [0.4, 0.2, 0.4]],
+        "good": [True, False],
+    }
+    for job in sweep.iterdir():
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        config["dataset"] = {"contexts": None, "num_prompts": 2}
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        evals = json.loads((job / "eval.json").read_text())
+        (job / "eval.json").write_text(json.dumps({**evals, "task": task}))
+    rows, _ = reproduce.theory_rows(load_sweep(sweep))
+    assert set(rows["context"]) == {"good", "bad"}
+    assert set(rows["quantity"]) == {"KL(pi* || pi_theta)"}
+    assert rows["infinite"].notna().all()

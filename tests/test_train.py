@@ -124,8 +124,10 @@ def test_step_metrics_leave_per_prompt_detail_to_eval_json(tmp_path):
     logged = set().union(*read_jsonl(tmp_path / "metrics.jsonl"))
     assert not [k for k in logged if "/p0" in k]
     assert not [k for k in summary["final_eval"] if "/p0" in k]
-    final = json.loads((tmp_path / "eval.json").read_text())["final"]
+    evals = json.loads((tmp_path / "eval.json").read_text())
+    final = evals["final"]
     assert final["eval/pi_theta/p0/y0"] > 0 and "eval/outside_mass/p0" in final
+    assert len(evals["task"]["pi_star"]) == 6 and sum(evals["task"]["pi_ref"][0]) == pytest.approx(1.0)
     assert summary["final_eval"]["eval/outside_mass"] == pytest.approx(
         sum(final[f"eval/outside_mass/p{p}"] for p in range(6)) / 6
     )
