@@ -72,7 +72,10 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
             tracker.finish(exit_code=1)
         raise
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    tracker.summary({**summary["final_eval"], "runtime_s": summary["runtime_s"]})
+    convergence = {
+        f"convergence/{k}": v for k, v in summary["convergence"].items() if not isinstance(v, list)
+    }
+    tracker.summary({**summary["final_eval"], **convergence, "runtime_s": summary["runtime_s"]})
     tracker.finish()
     _log_closing_summary(rc, summary, run_dir)
     return summary
