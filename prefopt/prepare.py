@@ -100,17 +100,17 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         chunk_tokens=chunk,
     )
     return PreparedRun(
-        policy,
-        tokenizer,
-        table,
-        train,
-        held_out,
-        text.task,
-        candidates,
-        kl_side,
-        inputs,
-        fit_report,
-        aux_components,
+        policy=policy,
+        tokenizer=tokenizer,
+        table=table,
+        train=train,
+        eval=held_out,
+        task=text.task,
+        candidates=candidates,
+        kl_side=kl_side,
+        inputs=inputs,
+        reference_fit=fit_report,
+        aux_components=aux_components,
     )
 
 
