@@ -74,7 +74,7 @@ class ConvergenceConfig:
     """When a run counts as converged (see `prefopt.convergence`)."""
 
     loss_rtol: float = 0.01  # max share of the run's loss change made in its last tenth of steps
-    grad_norm_ratio: float = 0.1  # max final gradient norm as a share of the run's largest one
+    grad_norm_ratio: float = 0.01  # max final gradient norm as a share of the run's largest one (full batch)
 
 
 @dataclass
