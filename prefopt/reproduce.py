@@ -316,7 +316,9 @@ minimizers scatter (their mean ± std over seeds) around the infinite-data minim
 did not converge (reasons in the experiment's header above) reads "not converged", not "agrees" or
 "disagrees": its numbers say nothing about the objective. DPO, IPO and f-DPO at small strength have
 minimizers near the edge of the simplex, reachable only with large logits, which is where convergence is
-hardest. A "disagrees" with every run converged is a real finding. One known cause is mass outside the
+hardest: there the loss can be flat long before the policy reaches the minimizer (its sigmoids saturate),
+so a run can pass the convergence tests and still read "disagrees". A "disagrees" with every run converged
+is otherwise a real finding. One known cause is mass outside the
 candidates: the minimizers assume a policy normalised over the candidates, but an LM can lower the
 likelihood of every candidate at once, and DPO-style losses do (a known DPO behaviour; `eval/outside_mass`
 in the tables and figures, near 1 for dpo and fdpo). DPO's loss depends only on differences of log-probs,
