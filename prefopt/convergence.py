@@ -72,7 +72,7 @@ def convergence_report(
         )
     if full_batch and ratio is not None and not ratio <= cfg.grad_norm_ratio:
         reasons.append(
-            f"final gradient norm {final_norm:.3g} is {100 * ratio:.0f}% of the run's largest "
+            f"final gradient norm {final_norm:.3g} is {100 * ratio:.2g}% of the run's largest "
             f"(eval.convergence.grad_norm_ratio = {100 * cfg.grad_norm_ratio:g}%)"
         )
     tv_per_prompt = None
