@@ -29,7 +29,7 @@ train: install
 	$(BIN)/prefopt train $(ARGS)
 
 reproduce: install
-	$(BIN)/python -m prefopt.reproduce --out $(OUT) logger=$(LOGGER)
+	$(BIN)/python -m prefopt.research.reproduce --out $(OUT) logger=$(LOGGER)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -20,14 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         from prefopt.config import register_resolvers
-        from prefopt.train import main as train_main
+        from prefopt.training.train import main as train_main
 
         register_resolvers()
         sys.argv = ["prefopt train", *rest]
         train_main()
         return 0
     if command == "report":
-        from prefopt.report import main as report_main
+        from prefopt.research.report import main as report_main
 
         return report_main(rest)
     print(f"prefopt: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -71,7 +71,7 @@ class TrainerConfig:
 
 @dataclass
 class ConvergenceConfig:
-    """When a run counts as converged (see `prefopt.convergence`)."""
+    """When a run counts as converged (see `prefopt.evaluation.convergence`)."""
 
     loss_rtol: float = 0.01  # max share of the run's loss change made in its last tenth of steps
     grad_norm_ratio: float = 0.01  # max final gradient norm as a share of the run's largest one (full batch)
@@ -148,7 +148,7 @@ KNOWN_TOP_LEVEL |= {"logger", "report", "experiment", "hydra", "paths"}
 def load_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve and validate a composed config; raises ConfigError naming the first bad key."""
     from prefopt.data import DATASETS
-    from prefopt.modeling import MODELS
+    from prefopt.models import MODELS
     from prefopt.objectives import OBJECTIVES
     from prefopt.rewards import AUX_REWARDS
 

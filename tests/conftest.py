@@ -44,7 +44,7 @@ def compose_config(*overrides: str):
 
 def run_training(run_dir: Path, *overrides: str, tiny_model: bool = True) -> dict:
     """Train in-process through the real loop on the FAST settings; returns summary.json's content."""
-    from prefopt.train import train
+    from prefopt.training.train import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     rc = load_run_config(compose_config(*FAST, *(FAST_MODEL if tiny_model else []), *overrides))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefopt.config import ConvergenceConfig
-from prefopt.convergence import convergence_report, loss_change, own_pairs_minimizer
+from prefopt.evaluation.convergence import convergence_report, loss_change, own_pairs_minimizer
 from prefopt.objectives import OBJECTIVES
 
 

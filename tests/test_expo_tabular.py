@@ -15,7 +15,7 @@ is E[BT] + lam KL). L-BFGS from the uniform policy finds the minimizer.
 import pytest
 import torch
 
-from prefopt.population import population_minimizer
+from prefopt.research.population import population_minimizer
 
 GOOD = ([0.6, 0.3, 0.1], [0.6, 0.3, 0.1])  # (pi*, pi_ref): the reference is already right
 BAD = ([0.6, 0.2, 0.2], [0.4, 0.2, 0.4])

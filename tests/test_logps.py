@@ -10,7 +10,7 @@ import torch
 
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
 from prefopt.logps import hidden_states, model_logps, token_kl
-from prefopt.modeling import TinyModelConfig, build_tiny
+from prefopt.models import TinyModelConfig, build_tiny
 
 VOCABULARY = [
     "tell",

@@ -11,9 +11,9 @@ from prefopt.config import load_run_config
 from prefopt.data import DATASETS
 from prefopt.data.batching import SequenceTable
 from prefopt.logps import model_logps
-from prefopt.modeling import MODELS
-from prefopt.prepare import _candidates, _vocabulary
-from prefopt.reference_fit import candidate_fit, fit_reference
+from prefopt.models import MODELS
+from prefopt.training.prepare import _candidates, _vocabulary
+from prefopt.training.reference_fit import candidate_fit, fit_reference
 
 # Two 5-candidate contexts, the second's reference reversed, on the experiments' 2-layer width-64 model:
 # Adam at lr 1e-2 sits on a plateau at KL 0.07 for its whole budget (the model ignores the prompt token).

@@ -21,9 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from prefopt import report
-from prefopt import report_figures as figures
-from prefopt.sweep import job_value, load_job, parse_override
+from prefopt.research import figures, report
+from prefopt.research.sweep import job_value, load_job, parse_override
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

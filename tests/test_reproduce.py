@@ -23,9 +23,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from prefopt import report, reproduce
-from prefopt.population import population_minimizer
-from prefopt.sweep import load_sweep
+from prefopt.research import report, reproduce
+from prefopt.research.population import population_minimizer
+from prefopt.research.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PI_STAR, PI_REF = [0.6, 0.3, 0.1], [0.4, 0.4, 0.2]

@@ -165,7 +165,7 @@ def test_a_short_run_is_reported_as_not_converged(tmp_path):
 
 
 def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
-    from prefopt.train import RunDirInUse
+    from prefopt.training.train import RunDirInUse
 
     run_training(tmp_path, "trainer.max_steps=2")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -175,8 +175,8 @@ def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
 
 
 def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, monkeypatch):
-    from prefopt.reference_fit import ReferenceFitError
-    from prefopt.tracking import Tracker
+    from prefopt.training.reference_fit import ReferenceFitError
+    from prefopt.training.tracking import Tracker
 
     closed = []
     finish = Tracker.finish

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.value_head import ValueHead, last_prompt_hidden
+from prefopt.models.value_head import ValueHead, last_prompt_hidden
 
 
 def test_value_head_fits_a_known_reward():

@@ -14,8 +14,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prefopt.report_figures import CONVERGED
-from prefopt.report_format import fmt_value
+from prefopt.research.figures import CONVERGED
+from prefopt.research.formatting import fmt_value
 
 OUTSIDE_MASS = "eval/outside_mass"  # always in the summary table when present
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a per-prompt metric: eval/pi_theta/p0/y1, eval/outside_mass/p3

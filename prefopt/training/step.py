@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from prefopt.data.batching import Batch
 from prefopt.kl import KL_ESTIMATORS
 from prefopt.logps import hidden_states, sequence_logps, token_kl
+from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
-from prefopt.value_head import last_prompt_hidden
 
 
 @dataclass

@@ -32,10 +32,10 @@ from typing import Any
 
 import pandas as pd
 
-from prefopt import report_figures as figures
-from prefopt.report_figures import CONVERGED, FigureResult, FigureSpec
-from prefopt.report_format import fmt, fmt_value, sort_key
-from prefopt.sweep import (
+from prefopt.research import figures
+from prefopt.research.figures import CONVERGED, FigureResult, FigureSpec
+from prefopt.research.formatting import fmt, fmt_value, sort_key
+from prefopt.research.sweep import (
     OUTSIDE_MASS,
     PER_PROMPT,
     Job,

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.config import ConfigError, RunConfig, load_run_config
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 CLOSING_ROWS = {  # the closing summary: reference (step 0) beside final
     "held-out accuracy": "eval/rewards/accuracies",
     "win rate vs reference": "eval/win_rate",
@@ -48,7 +48,7 @@ def check_run_dir_free(run_dir: Path) -> None:
 def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     """Prepare, train, evaluate and write the run dir; returns summary.json's content. On any failure
     (or Ctrl-C) summary.json says so, the tracker is closed, and the error propagates."""
-    from prefopt.tracking import Tracker
+    from prefopt.training.tracking import Tracker
 
     check_run_dir_free(run_dir)
     started = time.perf_counter()
@@ -85,13 +85,13 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     import torch
     from transformers import get_scheduler
 
-    from prefopt.convergence import run_convergence
     from prefopt.data.batching import PairSampler, make_batch
-    from prefopt.evaluate import evaluate
-    from prefopt.prepare import prepare
+    from prefopt.evaluation.convergence import run_convergence
+    from prefopt.evaluation.evaluate import evaluate
     from prefopt.progress import progress, quiet_library_progress_bars
-    from prefopt.seeding import seed_everything
-    from prefopt.step import pair_loss
+    from prefopt.training.prepare import prepare
+    from prefopt.training.seeding import seed_everything
+    from prefopt.training.step import pair_loss
 
     autocast = _autocast(rc.trainer.precision, device)
     quiet_library_progress_bars()
@@ -238,7 +238,7 @@ def _log_closing_summary(rc: RunConfig, summary: dict, run_dir: Path) -> None:
 def _configure_torch(rc: RunConfig):
     import torch
 
-    from prefopt.seeding import seed_everything
+    from prefopt.training.seeding import seed_everything
 
     name = rc.trainer.device
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)

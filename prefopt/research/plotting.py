@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from prefopt.report_format import fmt_value, sort_key
+from prefopt.research.formatting import fmt_value, sort_key
 
 if TYPE_CHECKING:  # type hints only: report_figures imports this module
-    from prefopt.report_figures import FigureSpec
+    from prefopt.research.figures import FigureSpec
 
 MAX_PANEL_COLUMNS = 3
 LEFT_OUT = "not converged (left out)"  # legend entry of the runs drawn on their own

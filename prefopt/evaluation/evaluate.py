@@ -1,5 +1,5 @@
 """The evaluation stage: preference metrics on the held-out pairs and, on a task with a known ground
-truth, exact metrics over every prompt's candidates (see `data.synthetic.exact_metrics`).
+truth, exact metrics over every prompt's candidates (see `evaluation.exact.exact_metrics`).
 
 `evaluate` returns scalar metrics (logged every evaluation) and per-prompt detail (`pi_theta/p<i>/y<k>`,
 `outside_mass/p<i>`: kept in eval.json only, so step metrics, W&B and reports stay readable)."""
@@ -12,11 +12,11 @@ from collections import defaultdict
 import torch
 
 from prefopt.data.batching import make_batch
-from prefopt.data.synthetic import exact_metrics
+from prefopt.evaluation.exact import exact_metrics
 from prefopt.logps import model_logps
-from prefopt.prepare import PreparedRun
 from prefopt.progress import progress
-from prefopt.step import pair_loss
+from prefopt.training.prepare import PreparedRun
+from prefopt.training.step import pair_loss
 
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a metric key with a per-prompt path segment
 

@@ -17,13 +17,13 @@ from prefopt.data.batching import PairSplit, SequenceTable
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.logps import model_logps
-from prefopt.modeling import MODELS, count_parameters, load_reference
+from prefopt.models import MODELS, count_parameters, load_reference
+from prefopt.models.value_head import ValueHead
 from prefopt.objectives import OBJECTIVES
 from prefopt.progress import progress, progress_enabled
-from prefopt.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
 from prefopt.rewards import build_aux_reward, score_responses
-from prefopt.step import LossInputs
-from prefopt.value_head import ValueHead
+from prefopt.training.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
+from prefopt.training.step import LossInputs
 
 log = logging.getLogger(__name__)
 

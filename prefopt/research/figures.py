@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from prefopt.report_format import describe_trend, fmt, fmt_value
-from prefopt.report_plot import (
+from prefopt.research.formatting import describe_trend, fmt, fmt_value
+from prefopt.research.plotting import (
     _annotate,
     _axis_positions,
     _colors,

@@ -1,12 +1,12 @@
 """`make reproduce`: rerun the papers' experiments, report each sweep, and check them against theory.
 
-    python -m prefopt.reproduce [--out outputs/reproduce] [--only NAME ...] [override ...]
+    python -m prefopt.research.reproduce [--out outputs/reproduce] [--only NAME ...] [override ...]
 
 Each experiment is a `conf/experiment/*.yaml` swept through the real CLI (parallel local launcher); its
 sweep dir gets `prefopt report`'s files, and `<out>/REPORT.md` gathers them with a theory check of the
 EXPO toy results: each run against the exact minimizer of its own training pairs (recorded by the run,
-`prefopt.population`), cells with unconverged runs marked, and the finite-sample spread of those minimizers
-beside the infinite-data one.
+`prefopt.research.population`), cells with unconverged runs marked, and the finite-sample spread of those
+minimizers beside the infinite-data one.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ import torch
 from omegaconf import OmegaConf
 
 from prefopt.objectives import OBJECTIVES
-from prefopt.population import (
+from prefopt.progress import progress
+from prefopt.research.figures import CONVERGED
+from prefopt.research.formatting import fmt, fmt_value
+from prefopt.research.population import (
     is_tabular,
     kl_divergence,
     population_minimizer,
     strength_key,
     total_variation,
 )
-from prefopt.progress import progress
-from prefopt.report import converged_label, write_report
-from prefopt.report_figures import CONVERGED
-from prefopt.report_format import fmt, fmt_value
-from prefopt.sweep import Job, job_value, load_sweep
+from prefopt.research.report import converged_label, write_report
+from prefopt.research.sweep import Job, job_value, load_sweep
 
-log = logging.getLogger("prefopt.reproduce")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("prefopt.research.reproduce")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TV_TOLERANCE = 0.01  # a converged run agrees with its own-pairs minimizer when their TV is at most this
 KEYS = ["objective", "strength", "context"]  # a cell of the theory check
 THEORY_COLUMNS = [*KEYS, "job", CONVERGED, "quantity", "measured", "own", "tv", "infinite"]
@@ -308,7 +308,7 @@ def _embed(report: Path, name: str) -> str:
 
 
 EXPLANATION = """Each run is compared with the exact minimizer of the loss on its own training pairs (the
-run's empirical pair table and fitted reference, `prefopt/population.py`), so the sampling noise of a
+run's empirical pair table and fitted reference, `prefopt/research/population.py`), so the sampling noise of a
 finite data set no longer counts for or against it: a converged run reaches that minimizer to within the
 TV tolerance, whatever its seed drew. The finite-sample error is reported on its own: ~270 (preservation)
 or ~200 (interpolation) sampled pairs give empirical preference rates that differ from p*, so the own-pairs
@@ -347,7 +347,9 @@ def assemble_report(out: Path, names: list[str], wall_s: float | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prefopt.reproduce", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m prefopt.research.reproduce", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
     parser.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="repeat to pick several")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. logger=none")

@@ -1,0 +1,1 @@
+"""Evaluation: preference metrics, exact ground-truth metrics, convergence."""
