@@ -237,14 +237,16 @@ def test_response_mask_marks_exactly_the_response_tokens_and_eos():
         assert rows.response_tokens[i] == len(response.split()) + 1
 
 
-def test_long_prompts_are_cut_from_the_left_and_responses_from_the_right_keeping_eos():
-    """max_prompt_tokens=2 keeps the prompt's last 2 words; max_response_tokens=3 keeps 2 words + EOS."""
+def test_long_prompts_are_cut_from_the_left_and_cut_responses_keep_no_eos():
+    """max_prompt_tokens=2 keeps the prompt's last 2 words; max_response_tokens=3 keeps the response's
+    first 3 words and no EOS: a cut response is scored as unfinished, as TRL does."""
     _, tokenizer = tiny_model()
     table = SequenceTable(tokenizer, max_prompt_tokens=2, max_response_tokens=3)
     rows = table.pad(torch.tensor([table.add("tell me about a", "the cat sat on")]))
-    expected = word_ids(tokenizer, "about a") + word_ids(tokenizer, "the cat") + [tokenizer.eos_token_id]
+    expected = word_ids(tokenizer, "about a") + word_ids(tokenizer, "the cat sat")
     assert rows.input_ids[0].tolist() == expected
     assert rows.response_mask[0].tolist() == [False, False, True, True, True]
+    assert table.counts.prompts_cut == 1 and table.counts.responses_cut == 1
 
 
 def pair_split(tokenizer):

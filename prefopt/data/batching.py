@@ -12,16 +12,37 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prefopt.data.tokenization import (
+    Prompt,
+    TokenLimits,
+    TruncationCounts,
+    adds_bos,
+    encode,
+    finish_prompt,
+    finish_response,
+    prompt_key,
+    render_prompt,
+    render_response,
+    response_room,
+)
+
 
 class SequenceTable:
-    """Unique prompts, responses and their pairings, tokenized once (responses end with EOS)."""
+    """Unique prompts, responses and their pairings, tokenized once with the conventions of
+    `prefopt.data.tokenization` (BOS once, EOS unless cut, prompts cut from the left)."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: int, max_response_tokens: int):
+    def __init__(
+        self, tokenizer, max_prompt_tokens: int, max_response_tokens: int, max_length: int | None = None
+    ):
         self.tokenizer = tokenizer
+        self.limits = TokenLimits(max_prompt_tokens, max_response_tokens, max_length)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
-        self.prompt_texts: list[str] = []
+        self.adds_bos = adds_bos(tokenizer)
+        self.counts = TruncationCounts()
+        self.prompt_texts: list[str] = []  # rendered (a chat template's text for conversational prompts)
         self.prompt_ids: list[list[int]] = []
+        self.prompt_raw: list[Prompt] = []
         self.response_texts: list[str] = []
         self.response_ids: list[list[int]] = []
         self.sequence_prompt: list[int] = []
@@ -29,29 +50,76 @@ class SequenceTable:
         self._prompts: dict[str, int] = {}
         self._responses: dict[tuple[int, ...], int] = {}
         self._sequences: dict[tuple[int, int], int] = {}
+        self._bodies: dict[str, list[int]] = {}  # rendered response text -> token ids, no special tokens
 
     def __len__(self) -> int:
         return len(self.sequence_prompt)
 
-    def prompt(self, text: str) -> int:
-        if text not in self._prompts:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens :]
-            self._prompts[text] = len(self.prompt_ids)
-            self.prompt_texts.append(text)
-            self.prompt_ids.append(ids)
-        return self._prompts[text]
+    def prompt(self, prompt: Prompt) -> int:
+        key = prompt_key(prompt)
+        if key not in self._prompts:
+            self._add_prompts([prompt])
+        return self._prompts[key]
 
-    def response(self, text: str, ids: list[int] | None = None) -> int:
-        """Intern a response; `ids` (already ending with EOS where it ended) skips tokenization."""
+    def _add_prompts(self, prompts: list[Prompt]) -> None:
+        fresh = list({prompt_key(p): p for p in prompts if prompt_key(p) not in self._prompts}.values())
+        texts = [render_prompt(self.tokenizer, p) for p in fresh]
+        for prompt, text, body in zip(fresh, texts, encode(self.tokenizer, texts)):
+            ids, cut = finish_prompt(self.tokenizer, body, self.limits, self.adds_bos)
+            self.counts.prompts_cut += cut
+            self._prompts[prompt_key(prompt)] = len(self.prompt_ids)
+            self.prompt_texts.append(text)
+            self.prompt_raw.append(prompt)
+            self.prompt_ids.append(ids)
+
+    def response(self, text: str, ids: list[int] | None = None, prompt: int | None = None) -> int | None:
+        """Intern a response to prompt id `prompt` (its length bounds the room under `max_length`; its
+        messages shape a chat template's rendering); `ids`, already final, skip tokenization. None when
+        the prompt leaves no room for a response."""
         if ids is None:
-            body = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_response_tokens - 1]
-            ids = body + [self.tokenizer.eos_token_id]
+            raw = self.prompt_raw[prompt] if prompt is not None else ""
+            rendered = render_response(self.tokenizer, raw, text)
+            if rendered not in self._bodies:
+                self._bodies[rendered] = encode(self.tokenizer, [rendered])[0]
+            used = len(self.prompt_ids[prompt]) if prompt is not None else 0
+            room = response_room(self.limits, used)
+            if room <= 0:
+                return None
+            ids, cut = finish_response(self.tokenizer, self._bodies[rendered], room)
+            self.counts.responses_cut += cut
         key = tuple(ids)
         if key not in self._responses:
             self._responses[key] = len(self.response_ids)
             self.response_texts.append(text)
             self.response_ids.append(list(ids))
         return self._responses[key]
+
+    def add_pairs(
+        self, prompts: list[Prompt], chosen: list[str], rejected: list[str]
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Tokenize many pairs in batched calls: (kept pair indices, prompt ids, chosen and rejected
+        sequence ids); a pair whose prompt leaves no room for a response is dropped and counted."""
+        self._add_prompts(list(prompts))
+        prompt_ids = [self._prompts[prompt_key(p)] for p in prompts]
+        rendered = [
+            render_response(self.tokenizer, self.prompt_raw[i], y)
+            for i, pair in zip(prompt_ids, zip(chosen, rejected))
+            for y in pair
+        ]
+        fresh = list(dict.fromkeys(t for t in rendered if t not in self._bodies))
+        self._bodies.update(zip(fresh, encode(self.tokenizer, fresh)))
+        kept, kept_prompts, chosen_ids, rejected_ids = [], [], [], []
+        for index, (prompt, y_w, y_l) in enumerate(zip(prompt_ids, chosen, rejected)):
+            winner, loser = self.response(y_w, prompt=prompt), self.response(y_l, prompt=prompt)
+            if winner is None or loser is None:
+                self.counts.pairs_dropped += 1
+                self.counts.dropped_examples.append(index)
+                continue
+            kept.append(index)
+            kept_prompts.append(prompt)
+            chosen_ids.append(self.sequence(prompt, winner))
+            rejected_ids.append(self.sequence(prompt, loser))
+        return kept, kept_prompts, chosen_ids, rejected_ids
 
     def sequence(self, prompt: int, response: int) -> int:
         key = (prompt, response)
@@ -61,8 +129,12 @@ class SequenceTable:
             self.sequence_response.append(response)
         return self._sequences[key]
 
-    def add(self, prompt_text: str, response_text: str) -> int:
-        return self.sequence(self.prompt(prompt_text), self.response(response_text))
+    def add(self, prompt: Prompt, response_text: str) -> int:
+        prompt_id = self.prompt(prompt)
+        response = self.response(response_text, prompt=prompt_id)
+        if response is None:
+            raise ValueError(f"prompt {prompt_id} leaves no room for a response under dataset.max_length")
+        return self.sequence(prompt_id, response)
 
     def texts(self, sequence_ids: list[int]) -> tuple[list[str], list[str]]:
         prompts = [self.prompt_texts[self.sequence_prompt[s]] for s in sequence_ids]

@@ -55,8 +55,19 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
     policy.to(device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
-    table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens)
-    train, held_out = _split(table, text.train), _split(table, text.eval)
+    table = SequenceTable(
+        tokenizer, text.max_prompt_tokens, text.max_response_tokens, getattr(text, "max_length", None)
+    )
+    train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
+    log.info(
+        "tokenized: %d train and %d held-out pairs, %d sequences; %d prompts and %d responses cut to the "
+        "length budget",
+        len(train),
+        len(held_out),
+        len(table),
+        table.counts.prompts_cut,
+        table.counts.responses_cut,
+    )
     candidates = _candidates(table, text.task) if text.task is not None else None
     if needs.mismatched:
         for split in (train, held_out):
@@ -123,20 +134,40 @@ def _wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
 
 
 def _vocabulary(text: TextData) -> list[str]:
+    """Every word of the data (for the embedded word tokenizer), chat messages' roles and contents too."""
     if text.task is not None:
         return text.task.vocabulary()
+
+    def words(value) -> list[str]:
+        if isinstance(value, str):
+            return value.split()
+        return [w for m in value for w in f"{m['role']}: {m['content']}".split()]  # chat messages
+
     pairs = (text.train, text.eval)
     return sorted(
-        {w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in t.split()}
+        {w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in words(t)}
     )
 
 
-def _split(table: SequenceTable, pairs: TextPairs) -> PairSplit:
-    prompts = [table.prompt(p) for p in pairs.prompts]
-    chosen = [table.sequence(p, table.response(y)) for p, y in zip(prompts, pairs.chosen)]
-    rejected = [table.sequence(p, table.response(y)) for p, y in zip(prompts, pairs.rejected)]
+def _split(table: SequenceTable, pairs: TextPairs, name: str) -> PairSplit:
+    """Tokenize a split's pairs in batched calls; pairs the length budget leaves no room for are dropped."""
+    dropped_before = table.counts.pairs_dropped
+    kept, prompts, chosen, rejected = table.add_pairs(pairs.prompts, pairs.chosen, pairs.rejected)
+    if not kept:
+        raise ValueError(
+            f"dataset: every {name} pair was dropped: its prompt leaves no room for a response under "
+            f"dataset.max_length = {table.limits.max_length}"
+        )
+    if table.counts.pairs_dropped > dropped_before:
+        log.warning(
+            "%s: %d pairs dropped (no room for a response under dataset.max_length), e.g. pairs %s",
+            name,
+            table.counts.pairs_dropped - dropped_before,
+            table.counts.dropped_examples[dropped_before : dropped_before + 5],
+        )
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return PairSplit(as_long(chosen), as_long(rejected), torch.tensor(pairs.labels), as_long(prompts))
+    labels = torch.tensor([pairs.labels[i] for i in kept])
+    return PairSplit(as_long(chosen), as_long(rejected), labels, as_long(prompts))
 
 
 def _candidates(table: SequenceTable, task: SyntheticTask) -> Tensor:
