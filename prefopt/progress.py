@@ -12,11 +12,12 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def progress(iterable=None, **kwargs) -> tqdm:
-    """`tqdm(iterable, **kwargs)`, disabled when not on a terminal; the bar is cleared when it ends."""
+def progress(iterable=None, quiet: bool = False, **kwargs) -> tqdm:
+    """`tqdm(iterable, **kwargs)`, disabled when not on a terminal (or `quiet`, e.g. for a short phase);
+    the bar is cleared when it ends."""
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=not progress_enabled(), **kwargs)
+    return tqdm(iterable, disable=quiet or not progress_enabled(), **kwargs)
 
 
 def quiet_library_progress_bars() -> None:

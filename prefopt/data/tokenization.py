@@ -93,9 +93,12 @@ def render_response(tokenizer, prompt: Prompt, response: str) -> str:
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of many texts without special tokens, in batched tokenizer calls."""
+    """Token ids of many texts without special tokens, in batched tokenizer calls (a bar when many)."""
+    from prefopt.progress import progress
+
     ids: list[list[int]] = []
-    for start in range(0, len(texts), BATCH):
+    starts = range(0, len(texts), BATCH)
+    for start in progress(starts, quiet=len(starts) < 4, desc="tokenize", unit="batch"):
         ids += tokenizer(list(texts[start : start + BATCH]), add_special_tokens=False)["input_ids"]
     return ids
 
