@@ -19,8 +19,13 @@ from prefopt.data.batching import PaddedSequences
 
 
 def hidden_states(model, rows: PaddedSequences) -> Tensor:
-    """Final decoder hidden states (R, T, D); the lm_head is applied later, per chunk."""
-    output = model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+    """Final decoder hidden states (R, T, D), final norm included; the lm_head is applied later, per chunk.
+
+    The decoder is the model's public `get_decoder()` (LlamaModel, GPT2Model, GPTNeoXModel, ...), which a
+    peft `PeftModel` reaches with its adapters in place; `model.base_model` would be peft's LoRA wrapper.
+    A frozen `AdapterDisabledReference` answers with the same decoder, adapters off."""
+    decoder = model.get_decoder()
+    output = decoder(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
     return output.last_hidden_state
 
 

@@ -1,5 +1,6 @@
 """Models and tokenizers: the embedded tiny Llama (built from a config, no download) or any hub/local
-causal LM through `from_pretrained`. A registry maps `model.name` to a schema and a builder."""
+causal LM through `from_pretrained`, either with LoRA adapters (`model.lora.r > 0`). A registry maps
+`model.name` to a schema and a builder; conf/model/{llama,qwen,pythia,gpt2}.yaml are `pretrained` presets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prefopt.models.pretrained import PretrainedModelConfig, load_pretrained, load_reference
+from prefopt.models.lora import AdapterDisabledReference, LoraConfig, adapter_reference, is_lora
+from prefopt.models.pretrained import PretrainedModelConfig, load_pretrained, load_reference, save_checkpoint
 from prefopt.models.tiny import SPECIAL_TOKENS, TinyModelConfig, build_tiny, build_word_tokenizer
 
 
@@ -34,12 +36,17 @@ def count_parameters(model) -> int:
 __all__ = [
     "MODELS",
     "SPECIAL_TOKENS",
+    "AdapterDisabledReference",
+    "LoraConfig",
     "ModelSpec",
     "PretrainedModelConfig",
     "TinyModelConfig",
+    "adapter_reference",
     "build_tiny",
     "build_word_tokenizer",
     "count_parameters",
+    "is_lora",
     "load_pretrained",
     "load_reference",
+    "save_checkpoint",
 ]

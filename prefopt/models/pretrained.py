@@ -1,39 +1,155 @@
-"""Any hub or local causal LM through `from_pretrained`, and a frozen reference loaded the same way."""
+"""Any hub or local causal LM through `from_pretrained` (a LoRA adapter checkpoint too), optionally with
+LoRA adapters on top; a frozen reference loaded the same way; the run's checkpoint written back."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefopt.models.lora import LoraConfig, apply_lora, is_lora
+from prefopt.rewards.base import ConfigFieldError
+
+log = logging.getLogger(__name__)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class PretrainedModelConfig:
-    name_or_path: str = "???"  # hub id or local directory (e.g. a previous run's checkpoint)
+    name_or_path: str = "???"  # hub id or local directory (a previous run's checkpoint, full or adapter)
     tokenizer_name_or_path: str | None = None  # None: same as name_or_path
-    reference_name_or_path: str | None = None  # None: a frozen copy of the starting policy
-    dtype: str = "float32"  # weight dtype: float32 | bfloat16 (autocast is set by trainer.precision)
-    attn_implementation: str | None = "sdpa"
-    trust_remote_code: bool = False
+    reference_name_or_path: str | None = None  # None: the starting policy (under LoRA: adapters disabled)
+    revision: str | None = None  # hub branch, tag or commit of name_or_path; None: the default branch
+    dtype: str = "float32"  # weight dtype: float32 | bfloat16 | float16 (autocast: trainer.precision)
+    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2; None: transformers' choice
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, slower
+    trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only ones you trust)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigFieldError("dtype", f"expected one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 def load_pretrained(cfg: PretrainedModelConfig, vocabulary: list[str] | None = None):
-    """Load a causal LM and its tokenizer with `from_pretrained`; a missing pad token becomes EOS."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM and its tokenizer with `from_pretrained` (a missing pad token becomes EOS), then
+    wrap it in LoRA adapters when `cfg.lora.r > 0`."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.name_or_path)
+    if cfg.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code=true: the Python code shipped with %s (and its tokenizer) runs on this "
+            "machine with your permissions; use it only for checkpoints you trust",
+            cfg.name_or_path,
+        )
+    options = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+    model = load_causal_lm(cfg.name_or_path, cfg.dtype, "model.name_or_path", cfg.revision, **options)
+    tokenizer_source = cfg.tokenizer_name_or_path or _tokenizer_source(cfg.name_or_path)
+    check_local_path(tokenizer_source, "model.tokenizer_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path,
-        dtype=getattr(torch, cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    if cfg.gradient_checkpointing:
+        _checkpoint_activations(model)
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora, _resolved(cfg.name_or_path))
     return model, tokenizer
 
 
+def _checkpoint_activations(model) -> None:
+    """Recompute each decoder layer in backward; non-reentrant, so frozen embeddings (LoRA) need no hook."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_reference(name_or_path: str, dtype: str = "float32"):
+    return load_causal_lm(name_or_path, dtype, "model.reference_name_or_path")
+
+
+def load_causal_lm(name_or_path: str, dtype: str, key: str, revision: str | None = None, **options):
+    """`AutoModelForCausalLM.from_pretrained`; a LoRA adapter directory (adapter_config.json) loads its base
+    (recursively: a chain of adapters) and is merged into it. `key` names the config key in errors."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype))
+    path = check_local_path(name_or_path, key)
+    if path is not None and (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_name = _adapter_base(path)
+        if base_name is None:
+            raise ValueError(
+                f"{key}: the adapter checkpoint {path} names no base model (base_model_name_or_path in "
+                "adapter_config.json is null); load its base and apply it with peft, or save it merged"
+            )
+        base = load_causal_lm(base_name, dtype, f"base_model_name_or_path of {path}", **options)
+        log.info("model: LoRA adapter %s merged into its base %s", path, base_name)
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path) if path is not None else name_or_path,
+        dtype=getattr(torch, dtype),
+        revision=revision,
+        **options,
+    )
+
+
+def check_local_path(name_or_path: str, key: str) -> Path | None:
+    """The directory `name_or_path` names, None for a hub id; a value that can only be a local path
+    (/, ./, ../, ~, or more than one '/') but is not an existing directory raises a one-line ValueError."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        state = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise ValueError(f"{key}={name_or_path}: the directory {path} {state}")
+    return None
+
+
+def _adapter_base(path: Path) -> str | None:
+    """An adapter's base; a relative local base is read from the adapter's directory."""
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and (path / base).is_dir():
+        return str(path / base)
+    return base
+
+
+def _tokenizer_source(name_or_path: str) -> str:
+    """An adapter directory saved without a tokenizer uses its base's."""
+    path = Path(name_or_path).expanduser()
+    if (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
+        return _adapter_base(path) or name_or_path
+    return name_or_path
+
+
+def _resolved(name_or_path: str) -> str:
+    """A local directory as an absolute path (so an adapter finds its base from anywhere); a hub id as is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def save_checkpoint(policy, tokenizer, directory: Path, merged: bool = False) -> None:
+    """The policy in Hugging Face format with its tokenizer beside it. A LoRA policy saves its adapter
+    (adapter_config.json, adapter_model.safetensors) and, with `merged`, the merged model in
+    `directory/merged`, loadable with AutoModelForCausalLM. The merge happens in place (no second copy in
+    memory): the policy has no adapters afterwards, so this is the run's last use of it."""
+    directory = Path(directory)
+    if is_lora(policy) and not merged and policy.peft_config["default"].base_model_name_or_path is None:
+        log.warning(
+            "LoRA checkpoint in %s: its base (the tiny model) is saved nowhere, so the adapter alone "
+            "cannot be reloaded; set model.lora.save_merged=true for a loadable model",
+            directory,
+        )
+    # The vocabulary is never resized, so an adapter needs no copy of the embeddings (peft's "auto" would
+    # look its base up on the hub to decide).
+    extra = {"save_embedding_layers": False} if is_lora(policy) else {}
+    policy.save_pretrained(directory, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(directory)
+    if merged and is_lora(policy):
+        policy.merge_and_unload().save_pretrained(directory / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(directory / "merged")

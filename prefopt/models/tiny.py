@@ -3,7 +3,9 @@ the data (nothing is downloaded)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from prefopt.models.lora import LoraConfig, apply_lora
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
@@ -15,7 +17,8 @@ class TinyModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 128
-    reference_name_or_path: str | None = None  # None: a frozen copy of the starting policy
+    reference_name_or_path: str | None = None  # None: the starting policy (under LoRA: adapters disabled)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def build_word_tokenizer(words: list[str]):
@@ -32,7 +35,10 @@ def build_word_tokenizer(words: list[str]):
 
 
 def build_tiny(cfg: TinyModelConfig, vocabulary: list[str]):
-    """A randomly initialised Llama-architecture causal LM over a word tokenizer of `vocabulary`."""
+    """A randomly initialised Llama-architecture causal LM over a word tokenizer of `vocabulary`, with LoRA
+    adapters when `cfg.lora.r > 0`. A random base cannot be fitted through rank-r updates alone, so every
+    weight stays trainable for the supervised reference fit; taking the reference (`adapter_reference`)
+    folds what the fit learned into the base and freezes it, leaving the adapters to preference training."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_word_tokenizer(vocabulary)
@@ -49,4 +55,7 @@ def build_tiny(cfg: TinyModelConfig, vocabulary: list[str]):
         bos_token_id=None,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config), tokenizer
+    model = LlamaForCausalLM(config)
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora).requires_grad_(True)
+    return model, tokenizer

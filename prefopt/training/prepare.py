@@ -208,8 +208,15 @@ def _fit_reference(rc: RunConfig, policy, table, candidates, task: SyntheticTask
 
 
 def _reference(rc: RunConfig, policy, device):
+    """The frozen pi_ref: the checkpoint `model.reference_name_or_path` names; else the starting policy,
+    which under LoRA is the policy itself with its adapters disabled (no second copy in memory)."""
+    from prefopt.models.lora import adapter_reference, is_lora
+
     path = getattr(rc.model, "reference_name_or_path", None)
-    reference = load_reference(path).to(device) if path else copy.deepcopy(policy)
+    if not path and is_lora(policy):
+        return adapter_reference(policy)
+    dtype = getattr(rc.model, "dtype", "float32")
+    reference = load_reference(path, dtype).to(device) if path else copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)
     return reference

@@ -169,9 +169,10 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     convergence = run_convergence(
         rc, run, step_losses, grad_norms, final_eval, final_detail, sampler.batch_size == len(run.train)
     )
-    if rc.trainer.save_checkpoint:
-        run.policy.save_pretrained(run_dir / "checkpoint", safe_serialization=True)
-        run.tokenizer.save_pretrained(run_dir / "checkpoint")
+    if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
+        from prefopt.models import save_checkpoint
+
+        save_checkpoint(run.policy, run.tokenizer, run_dir / "checkpoint", rc.model.lora.save_merged)
     (run_dir / "eval.json").write_text(
         json.dumps(
             {
