@@ -254,50 +254,66 @@ def test_renamed_columns_and_a_soft_label_column_are_read(tmp_path: Path):
     assert data.train.chosen == [f"yes {i}" for i in range(4)]
 
 
-def test_an_empty_chosen_names_the_row_and_column(tmp_path: Path):
+def test_an_empty_chosen_is_skipped_and_in_strict_mode_names_file_line_and_field(tmp_path: Path):
+    """rows[3] sits on line 4 of train.jsonl (lines count from 1)."""
     rows = rows_of(5)
     rows[3]["chosen"] = "   "
     files = split_files(tmp_path, rows, rows_of(2))
-    with pytest.raises(ValueError, match=r"split 'train' row 3\b.*chosen"):
-        load_files(data_files=files)
+    data = load_files(data_files=files)
+    assert len(data.train) == 4 and "question 3" not in data.train.prompts
+    bad = data.report["splits"]["train"]["first_bad"]
+    assert bad == [{"row": f"{files['train']} line 4", "field": "chosen", "reason": "empty response"}]
+    with pytest.raises(ValueError, match=r"train\.jsonl line 4: field 'chosen': empty response"):
+        load_files(data_files=files, strict=True)
 
 
-def test_a_bad_row_is_named_by_its_row_in_the_file_even_when_eval_is_cut_from_train(tmp_path: Path):
-    """No test file: the held-out cut shuffles train. The error must still point at the file's row 3 of
-    the train split (the user opens the file, not the shuffled copy), whichever side of the cut it lands."""
-    rows = rows_of(20)
+def test_a_bad_row_is_named_by_its_line_in_the_file_even_when_eval_is_cut_from_train(tmp_path: Path):
+    """No test file: the held-out cut shuffles train. The error must still point at the file's line 4
+    (rows[3]), whichever side of the cut it lands: rows are checked before the cut."""
+    rows = rows_of(80)
     rows[3]["chosen"] = ""
     files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
-    with pytest.raises(ValueError, match=r"split 'train' row 3\b.*chosen"):
-        load_files(data_files=files, eval_fraction=0.25)
+    with pytest.raises(ValueError, match=r"train\.jsonl line 4: field 'chosen'"):
+        load_files(data_files=files, eval_fraction=0.5, strict=True)
 
 
 def test_a_missing_column_is_named(tmp_path: Path):
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"]} for r in rows_of(4)]
     files = split_files(tmp_path, rows, rows)
-    with pytest.raises(ValueError, match=r"missing columns \['rejected'\]"):
+    with pytest.raises(ValueError, match=r"no column \['rejected'\]"):
         load_files(data_files=files)
     with pytest.raises(ValueError, match="label"):
         load_files(data_files={"train": files["train"]}, label_column="label", rejected_column="chosen")
 
 
-def test_a_label_outside_0_1_is_refused(tmp_path: Path):
-    rows = [{**r, "p": 1.5} for r in rows_of(3)]
+def test_a_label_outside_0_1_is_skipped_or_in_strict_mode_refused(tmp_path: Path):
+    rows = [{**r, "p": 1.5 if i == 0 else 0.75} for i, r in enumerate(rows_of(3))]
     files = split_files(tmp_path, rows, rows)
-    with pytest.raises(ValueError, match=r"row 0: label 1.5"):
-        load_files(data_files=files, label_column="p")
+    data = load_files(data_files=files, label_column="p")
+    assert data.train.labels == [0.75, 0.75]
+    with pytest.raises(ValueError, match=r"line 1: field 'label': 1.5 outside \[0, 1\]"):
+        load_files(data_files=files, label_column="p", strict=True)
 
 
 def test_without_an_eval_split_eval_fraction_of_train_is_held_out(tmp_path: Path):
-    """20 rows, eval_fraction 0.25 -> 15 train + 5 held out, disjoint, together the whole file."""
-    rows = rows_of(20)
-    data = load_files(data_files={"train": write_jsonl(tmp_path / "train.jsonl", rows)}, eval_fraction=0.25)
-    assert (len(data.train), len(data.eval)) == (15, 5)
+    """80 rows, eval_fraction 0.4 -> 48 train + 32 held out (the minimum), disjoint, together the file."""
+    rows = rows_of(80)
+    data = load_files(data_files={"train": write_jsonl(tmp_path / "train.jsonl", rows)}, eval_fraction=0.4)
+    assert (len(data.train), len(data.eval)) == (48, 32)
     assert not set(data.train.prompts) & set(data.eval.prompts)
     assert sorted(data.train.prompts + data.eval.prompts) == sorted(r["prompt"] for r in rows)
     for pairs in (data.train, data.eval):
         by_prompt = {r["prompt"]: r for r in rows}
         assert all(by_prompt[p]["chosen"] == c for p, c in zip(pairs.prompts, pairs.chosen))
+
+
+def test_a_held_out_cut_below_the_minimum_is_refused_saying_what_to_change(tmp_path: Path):
+    """The issue's case: 100 rows at the default 5% left 5 eval pairs (accuracy 1.0 means nothing)."""
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows_of(100))}
+    with pytest.raises(ValueError, match=r"holds out 5, fewer than dataset\.min_eval_pairs=32") as error:
+        load_files(data_files=files)
+    assert "dataset.eval_fraction" in str(error.value) and "test file" in str(error.value)
+    assert len(load_files(data_files=files, min_eval_pairs=5).eval) == 5
 
 
 def test_example_limits_keep_the_first_rows(tmp_path: Path):

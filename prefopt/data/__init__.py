@@ -1,4 +1,8 @@
-"""Datasets: a plain registry from `dataset.name` to a schema and a loader returning text pairs."""
+"""Datasets: a plain registry from `dataset.name` to a schema and a loader returning text pairs.
+
+Every loader maps its source to the one pair format (`TextPairs`: prompt, chosen, rejected, a label
+P(chosen preferred), optional scores and metadata) and reports what it read (`TextData.report`).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from prefopt.data.preference import PreferenceFileConfig, TextPairs, load_preference_pairs
-from prefopt.data.synthetic import SyntheticConfig, SyntheticTask, build_task
+from prefopt.data.hh_rlhf import HHConfig, load_hh_rlhf
+from prefopt.data.imdb import IMDbConfig, load_imdb
+from prefopt.data.mixture import MixtureConfig, load_mixture
+from prefopt.data.oasst import OASSTConfig, load_oasst
+from prefopt.data.pairs import TextData, TextPairs
+from prefopt.data.preference import PreferenceFileConfig, load_preference
+from prefopt.data.shp import SHPConfig, load_shp
+from prefopt.data.synthetic import SyntheticConfig, build_task
+from prefopt.data.ultrafeedback import UltraFeedbackConfig, load_ultrafeedback
 
-
-@dataclass
-class TextData:
-    """Train and held-out pairs as text, the ground-truth task when there is one, token limits."""
-
-    train: TextPairs
-    eval: TextPairs
-    max_prompt_tokens: int
-    max_response_tokens: int
-    task: SyntheticTask | None = None
+__all__ = ["DATASETS", "DatasetSpec", "TextData", "TextPairs", "load_synthetic"]
 
 
 def load_synthetic(cfg: SyntheticConfig, seed: int) -> TextData:
@@ -41,11 +43,6 @@ def load_synthetic(cfg: SyntheticConfig, seed: int) -> TextData:
     return TextData(train, held_out, cfg.max_prompt_tokens, cfg.max_response_tokens, task)
 
 
-def load_files(cfg: PreferenceFileConfig, seed: int) -> TextData:
-    train, held_out = load_preference_pairs(cfg, cfg.seed if cfg.seed is not None else seed)
-    return TextData(train, held_out, cfg.max_prompt_tokens, cfg.max_response_tokens)
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
     config: type
@@ -59,6 +56,14 @@ DATASETS: dict[str, DatasetSpec] = {
         SyntheticConfig, load_synthetic, "generated task with known pi*, pi_ref, oracle", ground_truth=True
     ),
     "preference": DatasetSpec(
-        PreferenceFileConfig, load_files, "prompt/chosen/rejected rows via load_dataset"
+        PreferenceFileConfig, load_preference, "your prompt/chosen/rejected files (jsonl/json/parquet/csv)"
     ),
+    "hh_rlhf": DatasetSpec(HHConfig, load_hh_rlhf, "Anthropic/hh-rlhf dialogues (helpful, harmless)"),
+    "ultrafeedback": DatasetSpec(
+        UltraFeedbackConfig, load_ultrafeedback, "HuggingFaceH4/ultrafeedback_binarized, chat pairs + scores"
+    ),
+    "shp": DatasetSpec(SHPConfig, load_shp, "stanfordnlp/SHP Reddit comment pairs, score-ratio filtered"),
+    "oasst": DatasetSpec(OASSTConfig, load_oasst, "OpenAssistant/oasst1 ranked sibling replies as pairs"),
+    "imdb": DatasetSpec(IMDbConfig, load_imdb, "stanfordnlp/imdb review prefixes; precomputed pairs for now"),
+    "mixture": DatasetSpec(MixtureConfig, load_mixture, "weighted mixture of the above (HH + OASST + SHP)"),
 }

@@ -1,94 +1,83 @@
-"""Preference pairs from files or the Hugging Face hub, through `datasets.load_dataset`.
+"""Preference pairs from your own files (or any hub dataset in this shape), through `datasets.load_dataset`.
 
-Rows need a prompt, a chosen and a rejected response (column names configurable) and may carry a soft label
-P(chosen preferred). A bad row is reported with its split and index, and nothing is dropped silently.
+`dataset.path` is a .jsonl/.json/.parquet/.csv file (its rows are the train split and `eval_fraction` of
+them is held out), a dir of split files (train.jsonl + test.jsonl, data/train-*.parquet, ...), a hub name,
+or a builder (json | csv | parquet) with `dataset.data_files` (a file, or {train: file, test: file}).
+
+Rows (column names configurable):
+    {"prompt": "...", "chosen": "...", "rejected": "..."}                  plain text
+    {"prompt": [{"role": "user", "content": "..."}, ...],                  chat messages; the responses are
+     "chosen": [{"role": "assistant", "content": "..."}], "rejected": ...}  the final assistant turns
+A text prompt with message-list responses becomes one user message. Message-list responses may repeat the
+prompt's messages before their final turn (UltraFeedback style); with `prompt_column: null` the prompt is
+those shared messages. An optional label column gives P(chosen preferred) in [0, 1]; optional score
+columns are kept beside the pairs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+from prefopt.data.pairs import (
+    BadRow,
+    Pair,
+    TextData,
+    TextPairs,
+    field_value,
+    final_turn,
+    messages,
+)
+from prefopt.data.rows import each_row, load_text_data
+from prefopt.data.source import SourceConfig
+
+__all__ = ["PreferenceFileConfig", "TextPairs", "load_preference"]
 
 
 @dataclass
-class TextPairs:
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
-    labels: list[float]  # P(chosen preferred); 1.0 for hard labels
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-@dataclass
-class PreferenceFileConfig:
-    path: str = "???"  # load_dataset path: a hub name, or a builder (json, csv, parquet) with data_files
-    data_files: dict[str, str] | None = None  # {train: file, eval: file} for local files
-    config_name: str | None = None  # hub config (subset) name
-    train_split: str = "train"
-    eval_split: str = "test"  # held-out split; when absent, `eval_fraction` of train is held out
-    eval_fraction: float = 0.05
-    prompt_column: str = "prompt"
+class PreferenceFileConfig(SourceConfig):
+    prompt_column: str | None = (
+        "prompt"  # null: the messages chosen and rejected share before their last turn
+    )
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
-    label_column: str | None = None  # optional soft label column
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_prompt_tokens: int = 256
-    max_response_tokens: int = 256
-    seed: int | None = None  # shuffling seed for the held-out cut; None: the run's seed
+    label_column: str | None = None  # optional soft label P(chosen preferred) in [0, 1]
+    score_chosen_column: str | None = None  # optional scores kept beside the pairs (a reward model's, ...)
+    score_rejected_column: str | None = None
 
 
-def load_preference_pairs(cfg: PreferenceFileConfig, seed: int) -> tuple[TextPairs, TextPairs]:
-    """Train and held-out pairs; rows are checked before any held-out cut, so errors give file row numbers."""
-    from datasets import load_dataset
-
-    source = load_dataset(cfg.path, cfg.config_name, data_files=cfg.data_files)
-    if cfg.train_split not in source:
-        raise ValueError(f"dataset.train_split: split {cfg.train_split!r} not in {cfg.path} ({list(source)})")
-    train = _pairs(source[cfg.train_split], cfg, cfg.train_split, cfg.max_train_examples)
-    if cfg.eval_split in source:
-        return train, _pairs(source[cfg.eval_split], cfg, cfg.eval_split, cfg.max_eval_examples)
-    order = np.random.default_rng(seed).permutation(len(train))
-    cut = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
-    held_out = _subset(train, order[:cut])
-    if cfg.max_eval_examples is not None:
-        held_out = _subset(held_out, np.arange(min(cfg.max_eval_examples, len(held_out))))
-    return _subset(train, np.sort(order[cut:])), held_out
+def _response(value, column: str) -> tuple[list | None, str]:
+    """(messages before the final turn or None for text, the response text)."""
+    if isinstance(value, list):
+        return final_turn(messages(value, column), column)
+    return None, value
 
 
-def _subset(pairs: TextPairs, indices) -> TextPairs:
-    pick = lambda column: [column[i] for i in indices]  # noqa: E731
-    return TextPairs(pick(pairs.prompts), pick(pairs.chosen), pick(pairs.rejected), pick(pairs.labels))
+def preference_pair(row: dict, cfg: PreferenceFileConfig) -> Pair:
+    chosen_head, chosen = _response(field_value(row, cfg.chosen_column), cfg.chosen_column)
+    rejected_head, rejected = _response(field_value(row, cfg.rejected_column), cfg.rejected_column)
+    if cfg.prompt_column is None:
+        if chosen_head is None or not chosen_head:
+            raise BadRow(cfg.chosen_column, "no prompt column and no messages before the final turn")
+        prompt = chosen_head
+    else:
+        prompt = field_value(row, cfg.prompt_column)
+        if isinstance(prompt, list):
+            prompt = messages(prompt, cfg.prompt_column)
+        elif not isinstance(prompt, str):
+            raise BadRow(cfg.prompt_column, f"not text or chat messages ({type(prompt).__name__})")
+        elif chosen_head is not None:  # text prompt, message responses
+            prompt = chosen_head or [{"role": "user", "content": prompt}]
+    for head, column in ((chosen_head, cfg.chosen_column), (rejected_head, cfg.rejected_column)):
+        if head and head != prompt:
+            raise BadRow(column, "its messages before the final turn differ from the prompt")
+    scores = [row.get(c) if c else None for c in (cfg.score_chosen_column, cfg.score_rejected_column)]
+    label = field_value(row, cfg.label_column) if cfg.label_column else 1.0
+    return Pair(prompt, chosen, rejected, label, *scores)
 
 
-def _pairs(rows, cfg: PreferenceFileConfig, split: str, limit: int | None) -> TextPairs:
-    columns = [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column]
-    columns += [cfg.label_column] if cfg.label_column else []
-    missing = [c for c in columns if c not in rows.column_names]
-    if missing:
-        raise ValueError(
-            f"dataset {cfg.path} split {split!r}: missing columns {missing}; has {rows.column_names}"
-        )
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    pairs = TextPairs([], [], [], [])
-    for index, row in enumerate(rows):
-        prompt, chosen, rejected = (row[c] for c in columns[:3])
-        for column, value in zip(columns[:3], (prompt, chosen, rejected)):
-            if not isinstance(value, str) or (column != cfg.prompt_column and not value.strip()):
-                raise ValueError(
-                    f"dataset {cfg.path} split {split!r} row {index}: {column} must be non-empty text"
-                )
-        label = float(row[cfg.label_column]) if cfg.label_column else 1.0
-        if not 0.0 <= label <= 1.0:
-            raise ValueError(f"dataset {cfg.path} split {split!r} row {index}: label {label} outside [0, 1]")
-        pairs.prompts.append(prompt)
-        pairs.chosen.append(chosen)
-        pairs.rejected.append(rejected)
-        pairs.labels.append(label)
-    if not len(pairs):
-        raise ValueError(f"dataset {cfg.path} split {split!r} is empty")
-    return pairs
+def load_preference(cfg: PreferenceFileConfig, seed: int, name: str = "preference") -> TextData:
+    columns = [c for c in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column) if c]
+    columns += [c for c in (cfg.label_column, cfg.score_chosen_column, cfg.score_rejected_column) if c]
+    return load_text_data(
+        cfg, seed, name, columns, lambda rows, _: each_row(rows, lambda r: preference_pair(r, cfg))
+    )
