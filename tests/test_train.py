@@ -128,6 +128,9 @@ def test_step_metrics_leave_per_prompt_detail_to_eval_json(tmp_path):
     final = evals["final"]
     assert final["eval/pi_theta/p0/y0"] > 0 and "eval/outside_mass/p0" in final
     assert len(evals["task"]["pi_star"]) == 6 and sum(evals["task"]["pi_ref"][0]) == pytest.approx(1.0)
+    data = summary["data"]
+    assert data["train_pairs"] > 0 and data["eval_pairs"] > 0
+    assert data["tokenization"]["pairs_dropped"] == 0
     assert summary["final_eval"]["eval/outside_mass"] == pytest.approx(
         sum(final[f"eval/outside_mass/p{p}"] for p in range(6)) / 6
     )

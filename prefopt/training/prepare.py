@@ -41,6 +41,7 @@ class PreparedRun:
     inputs: LossInputs
     reference_fit: dict | None
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
+    data_report: dict = field(default_factory=dict)  # loading and tokenization counts, for summary.json
 
 
 def prepare(rc: RunConfig, device) -> PreparedRun:
@@ -56,7 +57,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     policy.to(device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table = SequenceTable(
-        tokenizer, text.max_prompt_tokens, text.max_response_tokens, getattr(text, "max_length", None)
+        tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length
     )
     train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
     log.info(
@@ -122,6 +123,12 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         inputs=inputs,
         reference_fit=fit_report,
         aux_components=aux_components,
+        data_report={
+            **text.report,
+            "train_pairs": len(train),
+            "eval_pairs": len(held_out),
+            "tokenization": table.counts.as_dict(),
+        },
     )
 
 

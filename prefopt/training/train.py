@@ -193,6 +193,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
         "final_train": train_metrics,
         "convergence": convergence,
         "reference_fit": run.reference_fit,
+        "data": run.data_report,
         "runtime_s": round(time.perf_counter() - started, 2),
     }
 
