@@ -17,6 +17,14 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key."""
 
 
+class ConfigFieldError(ValueError):
+    """A schema's `__post_init__` rejects a value; `field` names it so the error can give the config key."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def register_resolvers() -> None:
     """`${strength:D}`: the top-level `strength` when a sweep sets it, else the objective's own default D."""
     if not OmegaConf.has_resolver("strength"):

@@ -25,8 +25,8 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefopt.config import ConfigFieldError
 from prefopt.data.pairs import TextData, TextPairs, concat_pairs
-from prefopt.rewards.base import ConfigFieldError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefopt.rewards.base import ConfigFieldError
+from prefopt.config import ConfigFieldError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prefopt.rewards.base import ConfigFieldError
+from prefopt.config import ConfigFieldError
 
 log = logging.getLogger(__name__)
 

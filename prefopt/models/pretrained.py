@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefopt.config import ConfigFieldError
 from prefopt.models.lora import LoraConfig, apply_lora, is_lora
-from prefopt.rewards.base import ConfigFieldError
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")

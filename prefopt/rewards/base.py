@@ -21,15 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
+from prefopt.config import ConfigFieldError
+
 RewardFn = Callable[[list[str], list[str]], list[float]]
-
-
-class ConfigFieldError(ValueError):
-    """A schema's `__post_init__` rejects a value; `field` names it so the error can give the config key."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass

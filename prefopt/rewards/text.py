@@ -7,7 +7,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.rewards.base import AuxReward, ConfigFieldError, RewardConfig, RewardFn
+from prefopt.config import ConfigFieldError
+from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
 
 @dataclass

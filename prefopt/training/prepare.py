@@ -56,9 +56,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
     policy.to(device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
-    table = SequenceTable(
-        tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length
-    )
+    table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
     train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
     log.info(
         "tokenized: %d train and %d held-out pairs, %d sequences; %d prompts and %d responses cut to the "
