@@ -53,3 +53,27 @@ def run_training(run_dir: Path, *overrides: str, tiny_model: bool = True) -> dic
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def save_tiny_llama(directory: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer width-32 Llama over `tokenizer`, written with its tokenizer by save_pretrained: a local
+    `model=pretrained` path (its BOS and EOS are the tokenizer's)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

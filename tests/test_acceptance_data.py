@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, save_tiny_llama
 from test_datasets import (
     OASST_TREE,
     hh_rows,
@@ -31,27 +31,7 @@ STEPS = ["trainer.max_steps=2", "trainer.batch_size=8", "eval.eval_every_steps=2
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory) -> Path:
     """A 2-layer Llama saved with save_pretrained, its tokenizer adding BOS and carrying a chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = bos_tokenizer(chat_template=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), bos_tokenizer(chat_template=True))
 
 
 def oasst_trees(copies: int) -> list[dict]:

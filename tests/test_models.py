@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_config, run_training
+from conftest import FAST, compose_config, run_training, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from prefopt.config import ConfigError, load_run_config
@@ -109,26 +109,8 @@ def synthetic_vocabulary() -> list[str]:
 @pytest.fixture(scope="module")
 def local_llama(tmp_path_factory, synthetic_vocabulary) -> Path:
     """A tiny Llama and its word tokenizer written with save_pretrained: a local `model=pretrained` path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
     tokenizer = build_word_tokenizer(sorted(set(synthetic_vocabulary) | set(WORDS)))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 # ---- configs ------------------------------------------------------------------------------------------

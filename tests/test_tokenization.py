@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from prefopt.data.batching import SequenceTable
 from prefopt.logps import model_logps
@@ -127,23 +128,9 @@ def test_sequence_logps_equal_a_hand_built_bos_prompt_response_eos_sequence(tmp_
     """A tiny Llama saved and reloaded with from_pretrained, with a tokenizer that adds BOS: prefopt's
     response log-prob equals the sum over a hand-built [BOS, prompt, response, EOS] sequence's response
     positions, to 1e-6."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = bos_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_llama(tmp_path, bos_tokenizer())
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     table = SequenceTable(tokenizer, 32, 32)
