@@ -23,7 +23,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from prefopt.research import report, reproduce
+from prefopt.research import report, reproduce, theory
 from prefopt.research.population import population_minimizer
 from prefopt.research.sweep import load_sweep
 
@@ -174,7 +174,7 @@ def interpolation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_theory_rows_compare_each_run_with_its_own_pairs_minimizer(interpolation: Path):
-    rows, notes = reproduce.theory_rows(load_sweep(interpolation))
+    rows, notes = theory.theory_rows(load_sweep(interpolation))
     assert set(rows["objective"]) == {"expo", "dpo", "ipo"} and set(rows["context"]) == {"single"}
     expo = rows[rows["objective"] == "expo"].set_index("job")
     assert expo["tv"].tolist() == pytest.approx([0.002, 0.002])  # seed 1's policy renormalised first
@@ -187,7 +187,7 @@ def test_theory_rows_compare_each_run_with_its_own_pairs_minimizer(interpolation
 
 
 def test_theory_cells_verdicts(interpolation: Path):
-    cells = reproduce.theory_cells(reproduce.theory_rows(load_sweep(interpolation))[0])
+    cells = theory.theory_cells(theory.theory_rows(load_sweep(interpolation))[0])
     verdict = dict(zip(cells["objective"], cells["verdict"]))
     assert verdict == {"dpo": "disagrees", "expo": "agrees", "ipo": "not converged (1/2)"}
     expo = cells.set_index("objective").loc["expo"]
@@ -197,12 +197,12 @@ def test_theory_cells_verdicts(interpolation: Path):
 
 
 def test_theory_check_markdown_headline_and_table(interpolation: Path):
-    lines = reproduce.theory_check(interpolation)
+    lines = theory.theory_check(interpolation)
     text = "\n".join(lines)
     assert "**1 of 3 cells agree with the minimizer of their own training pairs (TV <= 0.01); " in text
     assert "1 not converged; 1 disagree.**" in text
     (table,) = markdown_tables(text)
-    assert table[0] == reproduce.THEORY_HEADER
+    assert table[0] == theory.THEORY_HEADER
     rows = {row[0]: dict(zip(table[0], row)) for row in table[2:]}
     assert rows["expo"]["measured (mean ± std)"] == "0.562 ± 0.01414"
     assert rows["expo"]["own-pairs minimizer (mean ± std)"] == "0.56 ± 0.01414"
@@ -214,11 +214,11 @@ def test_theory_check_markdown_headline_and_table(interpolation: Path):
 
 def test_preservation_cells_are_per_context_and_agree(tmp_path: Path):
     sweep = preservation_sweep(tmp_path / "expo_preservation")
-    rows, notes = reproduce.theory_rows(load_sweep(sweep))
+    rows, notes = theory.theory_rows(load_sweep(sweep))
     assert set(rows["context"]) == {"good", "bad"} and set(rows["quantity"]) == {"KL(pi* || pi_theta)"}
     good = rows[(rows["context"] == "good") & (rows["job"] == "0")].iloc[0]
     assert good["own"] == pytest.approx(0.0)  # seed 0's own minimizer is pi* itself
-    cells = reproduce.theory_cells(rows)
+    cells = theory.theory_cells(rows)
     assert len(cells) == 8 and set(cells["verdict"]) == {"agrees"} and notes == []
 
 
@@ -239,7 +239,7 @@ def test_reproduce_report_is_well_formed_and_shows_outside_mass(tmp_path: Path):
     assert "within 2 std" not in text and "Total wall time: 12 s." in text
     assert "8 of 8 cells agree" in text and "1 of 3 cells agree" in text
     assert "(expo_preservation/preservation.png)" in text and "(hpo_aux/pareto.png)" in text
-    assert "## Reading the theory checks" in text and "outside_mass" in reproduce.EXPLANATION
+    assert "## Reading the theory checks" in text and "outside_mass" in theory.EXPLANATION
 
 
 def test_old_run_dirs_are_skipped_not_crashed(tmp_path: Path):
@@ -251,7 +251,7 @@ def test_old_run_dirs_are_skipped_not_crashed(tmp_path: Path):
     }
     final = {"eval/win_rate": 0.6, **per_prompt([PI_STAR])}
     write_run(job, overrides, config, final, {"history": [], "reference": {}}, convergence=None)
-    lines = reproduce.theory_check(tmp_path / "sweep")
+    lines = theory.theory_check(tmp_path / "sweep")
     assert any(line.startswith("**0 of 0 cells agree") for line in lines)
     assert any(line.startswith("- Skipped expo (1 runs)") for line in lines)
 
@@ -271,7 +271,7 @@ def test_a_drawn_task_is_checked_against_the_ground_truth_its_runs_recorded(tmp_
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         evals = json.loads((job / "eval.json").read_text())
         (job / "eval.json").write_text(json.dumps({**evals, "task": task}))
-    rows, _ = reproduce.theory_rows(load_sweep(sweep))
+    rows, _ = theory.theory_rows(load_sweep(sweep))
     assert set(rows["context"]) == {"good", "bad"}
     assert set(rows["quantity"]) == {"KL(pi* || pi_theta)"}
     assert rows["infinite"].notna().all()
