@@ -264,6 +264,25 @@ def test_hpo_logs_aux_rewards_and_its_terms(tmp_path):
     assert "eval/aux_reward" in summary["final_eval"]
 
 
+def test_each_component_of_a_composite_reward_is_logged_on_its_own(tmp_path):
+    """R = 0.5 length + 1 keyword: the logged R of the chosen responses is the weighted sum of the logged
+    unweighted components, in training and in the exact evaluation."""
+    summary = run_training(
+        tmp_path,
+        "objective=hpo",
+        "aux_reward=[length,keyword]",
+        "aux_reward.length.weight=0.5",
+        "trainer.max_steps=2",
+        "trainer.log_every_steps=1",
+    )
+    train, final = summary["final_train"], summary["final_eval"]
+    for side in ("chosen", "rejected"):
+        parts = 0.5 * train[f"train/aux_reward/length/{side}"] + train[f"train/aux_reward/keyword/{side}"]
+        assert train[f"train/aux_reward/{side}"] == pytest.approx(parts, rel=1e-5)
+    parts = 0.5 * final["eval/aux_reward/length"] + final["eval/aux_reward/keyword"]
+    assert final["eval/aux_reward"] == pytest.approx(parts, rel=1e-5)
+
+
 def test_wandb_offline_run_is_written_next_to_the_run(tmp_path):
     run_training(tmp_path, "logger=wandb", "logger.mode=offline", "trainer.max_steps=2")
     assert list((tmp_path / "wandb").glob("offline-run-*"))

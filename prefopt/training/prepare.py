@@ -108,6 +108,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         value_head=value_head,
         kl_estimator=kl_estimator,
         chunk_tokens=chunk,
+        aux_components=aux_components,
     )
     return PreparedRun(
         policy=policy,

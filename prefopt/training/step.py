@@ -8,7 +8,7 @@ only at its `Requirements`.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ class LossInputs:
     value_head: nn.Module | None = None
     kl_estimator: str | None = None  # exact | samples | token, when the objective needs a KL
     chunk_tokens: int = 2048
+    aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
 
 
 def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, device) -> tuple[Tensor, dict]:
@@ -107,13 +108,12 @@ def _metric_sums(
         "logps/chosen": policy.chosen.detach(),
         "logps/rejected": policy.rejected.detach(),
     }
-    if inputs.aux_rewards is not None:
-        per_example["aux_reward/chosen"] = _rows_of(
-            inputs.aux_rewards, batch, batch.chosen_rows.to(device), device
-        )
-        per_example["aux_reward/rejected"] = _rows_of(
-            inputs.aux_rewards, batch, batch.rejected_rows.to(device), device
-        )
+    chosen, rejected = batch.chosen_rows.to(device), batch.rejected_rows.to(device)
+    rewards = {"aux_reward": inputs.aux_rewards} if inputs.aux_rewards is not None else {}
+    rewards |= {f"aux_reward/{name}": scores for name, scores in inputs.aux_components.items()}
+    for name, scores in rewards.items():  # R and each unweighted r_k
+        per_example[f"{name}/chosen"] = _rows_of(scores, batch, chosen, device)
+        per_example[f"{name}/rejected"] = _rows_of(scores, batch, rejected, device)
     for name, value in output.metrics.items():
         value = value.detach()
         per_example[name] = value if value.dim() else value.expand(count)
