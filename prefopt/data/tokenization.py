@@ -71,10 +71,11 @@ def start_token(tokenizer) -> int:
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """A prompt as text: itself, or the chat template's rendering with the generation prompt."""
+    """A prompt as text: itself, or the chat template's rendering with the generation prompt (without a
+    template, or a tokenizer, "role: content" lines)."""
     if isinstance(prompt, str):
         return prompt
-    if getattr(tokenizer, "chat_template", None):
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 

@@ -16,6 +16,7 @@ from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
+from prefopt.data.tokenization import render_prompt
 from prefopt.logps import model_logps
 from prefopt.models import MODELS, count_parameters, load_reference
 from prefopt.models.value_head import ValueHead
@@ -147,7 +148,7 @@ def _vocabulary(text: TextData) -> list[str]:
     def words(value) -> list[str]:
         if isinstance(value, str):
             return value.split()
-        return [w for m in value for w in f"{m['role']}: {m['content']}".split()]  # chat messages
+        return render_prompt(None, value).split()  # messages, as a tokenizer without a template sees them
 
     pairs = (text.train, text.eval)
     return sorted(
