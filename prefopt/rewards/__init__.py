@@ -17,6 +17,7 @@ from prefopt.rewards.base import (
     score_responses,
     validate_config,
 )
+from prefopt.rewards.classifier import REWARD_MODEL, SENTIMENT, TOXICITY
 from prefopt.rewards.custom import CUSTOM, resolve_callable
 from prefopt.rewards.oracle import ORACLE
 from prefopt.rewards.text import KEYWORD, LENGTH, READABILITY
@@ -27,6 +28,9 @@ AUX_REWARDS: dict[str, AuxReward] = {
     "keyword": KEYWORD,
     "oracle": ORACLE,
     "custom": CUSTOM,
+    "toxicity": TOXICITY,
+    "sentiment": SENTIMENT,
+    "reward_model": REWARD_MODEL,
 }
 
 
