@@ -21,6 +21,7 @@ class FakeEndpoint:
     def __init__(self):
         self.requests: list[dict] = []  # {"path", "headers", "body"} per request
         self.refuse: list[int] = []
+        self.broken = False  # reply 200 without choices
         self.lock = threading.Lock()
         endpoint = self
 
@@ -32,6 +33,9 @@ class FakeEndpoint:
                     status = endpoint.refuse.pop(0) if endpoint.refuse else 200
                 if status != 200:
                     self._send(status, {"error": {"message": "refused"}})
+                    return
+                if endpoint.broken:
+                    self._send(200, {"object": "error"})
                     return
                 content = body["messages"][0]["content"]
                 response_a = content.split("Response A:")[1].split("Response B:")[0]
@@ -124,6 +128,13 @@ def test_a_client_error_fails_at_once(endpoint, tmp_path):
     with pytest.raises(JudgeError, match=r"HTTP 400 from http://127\.0\.0\.1:\d+/v1/chat/completions") as e:
         judge_for(endpoint, tmp_path, concurrency=1).compare(["p"], ["a"], ["b"])
     assert "\n" not in str(e.value)
+    assert len(endpoint.requests) == 1
+
+
+def test_a_reply_without_choices_fails_at_once(endpoint, tmp_path):
+    endpoint.broken = True
+    with pytest.raises(JudgeError, match="no choices"):
+        judge_for(endpoint, tmp_path).ask("p", "a", "b")
     assert len(endpoint.requests) == 1
 
 
