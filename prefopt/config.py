@@ -86,11 +86,28 @@ class ConvergenceConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Generation-based evaluation at the end of a run (see `prefopt.evaluation.generation`)."""
+
+    num_prompts: int = 64  # distinct held-out prompts
+    num_samples: int = 1  # responses per prompt and model
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 16  # prompts per generate call
+    judge: str = "reward"  # reward (the oracle, else the aux reward R) | llm (an OpenAI-compatible endpoint)
+    llm: dict = field(default_factory=dict)  # the LLM judge's options (base_url, model, api_key_env, ...)
+    toxicity_threshold: float = 0.5  # a sample is a violation when its max toxicity probability is above
+
+
+@dataclass
 class EvalConfig:
     eval_every_steps: int = 50  # held-out evaluation period in optimizer steps (and always at the end)
     at_start: bool = True  # also evaluate before training: the reference's own numbers
     batch_size: int = 512  # pairs per evaluation forward pass
     convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
+    generate: bool = False  # sample from the policy and the reference at the end, score and judge them
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -191,9 +208,24 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
             "batch_size": evaluation.batch_size >= 1,
             "convergence.loss_rtol": evaluation.convergence.loss_rtol > 0,
             "convergence.grad_norm_ratio": evaluation.convergence.grad_norm_ratio > 0,
+            "generation.num_prompts": evaluation.generation.num_prompts >= 1,
+            "generation.num_samples": evaluation.generation.num_samples >= 1,
+            "generation.max_new_tokens": evaluation.generation.max_new_tokens >= 1,
+            "generation.temperature": evaluation.generation.temperature >= 0,
+            "generation.top_p": 0 < evaluation.generation.top_p <= 1,
+            "generation.batch_size": evaluation.generation.batch_size >= 1,
+            "generation.judge": evaluation.generation.judge in ("reward", "llm"),
+            "generation.toxicity_threshold": 0 < evaluation.generation.toxicity_threshold < 1,
         },
-        {"eval_every_steps": "an integer >= 1 (evaluation also runs at the end)"},
+        {
+            "eval_every_steps": "an integer >= 1 (evaluation also runs at the end)",
+            "generation.judge": "reward | llm",
+        },
     )
+    if evaluation.generation.judge == "llm":  # the judge's own schema, before any model loads
+        from prefopt.evaluation.judges import LLMJudgeConfig
+
+        _schema_merge(LLMJudgeConfig, evaluation.generation.llm, "eval.generation.llm")
     _check(
         "logger",
         logger,

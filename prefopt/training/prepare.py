@@ -43,6 +43,8 @@ class PreparedRun:
     reference_fit: dict | None
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
     data_report: dict = field(default_factory=dict)  # loading and tokenization counts, for summary.json
+    reference: object = None  # the frozen pi_ref (a model, or the policy with its adapters disabled)
+    aux_reward: object = None  # the CompositeReward R, for scoring generated text
 
 
 def prepare(rc: RunConfig, device) -> PreparedRun:
@@ -123,6 +125,8 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         inputs=inputs,
         reference_fit=fit_report,
         aux_components=aux_components,
+        reference=reference,
+        aux_reward=aux_reward,
         data_report={
             **text.report,
             "train_pairs": len(train),

@@ -44,6 +44,13 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """A W&B Table (when W&B is on); the run dir keeps the same rows in its own files."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)})
+
     def summary(self, values: dict) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(

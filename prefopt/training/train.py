@@ -166,6 +166,8 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
             run_eval(step)
     bar.close()
     final_eval, final_detail = run_eval(rc.trainer.max_steps)
+    if rc.eval.generate:
+        final_eval |= _generation_eval(rc, run, run_dir, device, tracker)
     convergence = run_convergence(
         rc, run, step_losses, grad_norms, final_eval, final_detail, sampler.batch_size == len(run.train)
     )
@@ -196,6 +198,26 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
         "data": run.data_report,
         "runtime_s": round(time.perf_counter() - started, 2),
     }
+
+
+def _generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
+    """eval/generate/* metrics; samples and judgements to generations.jsonl and a W&B table."""
+    from prefopt.evaluation.generation import evaluate_generations, write_samples
+
+    cfg = rc.eval.generation
+    judge = None
+    if cfg.judge == "llm":
+        from omegaconf import OmegaConf
+
+        from prefopt.evaluation.judges import LLMJudge, LLMJudgeConfig
+
+        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LLMJudgeConfig), cfg.llm))
+        judge = LLMJudge(options, run_dir / "judge_cache")
+    metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
+    rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
+    tracker.log(metrics, rc.trainer.max_steps)
+    tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
+    return metrics
 
 
 def _task_record(task) -> dict | None:

@@ -1,0 +1,198 @@
+"""Generation-based evaluation: sample responses for held-out prompts from the policy and the reference,
+score them, and judge them against each other and against the dataset's chosen response.
+
+Judges, by `eval.generation.judge`:
+  reward   the synthetic oracle r* where the task has one, else the configured auxiliary reward R:
+           y beats y' when its reward is higher (a tie counts 1/2)
+  llm      a pairwise LLM judge through an OpenAI-compatible endpoint, both orders (`evaluation.judges`)
+Reported: win rates with a 95% interval (`judges.win_rate_interval`), mean rewards (R and each unweighted
+r_k) of policy and reference samples, the share of samples above the toxicity threshold (HPO's
+"violations", with a `toxicity` reward), mean length and readability grade. Samples and judgements go
+to `<run dir>/generations.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefopt.evaluation.judges import win_rate_interval
+from prefopt.progress import progress
+
+log = logging.getLogger(__name__)
+JUDGES = ("reward", "llm")
+
+
+@dataclass
+class Samples:
+    """Per held-out prompt: its text, the dataset's chosen response, and S samples of each model."""
+
+    prompts: list[str]  # (P,) rendered prompt texts
+    chosen: list[str]  # (P,)
+    policy: list[list[str]]  # (P, S)
+    reference: list[list[str]]  # (P, S)
+    policy_tokens: list[list[int]]  # (P, S) generated token counts
+    reference_tokens: list[list[int]]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int) -> tuple[list, list]:
+    """`cfg.num_samples` responses per prompt: batched `generate` with left padding and the KV cache.
+    Returns texts (P, S) (cut at EOS, special tokens dropped) and their token counts."""
+    torch.manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts, counts = [], []
+    batches = range(0, len(prompt_ids), cfg.batch_size)
+    for start in progress(batches, desc="generate", unit="batch"):
+        chunk = prompt_ids[start : start + cfg.batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        out = model.generate(
+            input_ids,
+            attention_mask=attention,
+            max_new_tokens=cfg.max_new_tokens,
+            num_return_sequences=cfg.num_samples,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            **(sampling if cfg.temperature > 0 else {"do_sample": False}),
+        )[:, width:]
+        for row in range(len(chunk)):
+            group = out[row * cfg.num_samples : (row + 1) * cfg.num_samples].tolist()
+            ids = [seq[: seq.index(eos)] if eos in seq else seq for seq in group]
+            ids = [[t for t in seq if t != pad] for seq in ids]
+            texts.append([tokenizer.decode(seq, skip_special_tokens=True) for seq in ids])
+            counts.append([len(seq) for seq in ids])
+    return texts, counts
+
+
+def reward_judge(scores_first: np.ndarray, scores_second: np.ndarray) -> list[float]:
+    """First beats second when its reward is higher; a tie counts 1/2."""
+    return (0.5 * (np.sign(scores_first - scores_second) + 1.0)).tolist()
+
+
+def readability_grade(text: str) -> float:
+    import textstat
+
+    return float(textstat.text_standard(text, float_output=True)) if text.strip() else math.nan
+
+
+def summarize(
+    samples: Samples, scores: dict[str, dict[str, np.ndarray]], wins: dict, threshold: float
+) -> dict:
+    """The eval/generate/* metrics from scored samples: scores[model][reward] (P*S,), wins[name] (N,)."""
+    metrics = {}
+    for name, p in wins.items():
+        mean, low, high = win_rate_interval(p) if p else (math.nan, math.nan, math.nan)
+        metrics |= {f"win_rate_vs_{name}": mean, f"win_rate_vs_{name}_low": low}
+        metrics[f"win_rate_vs_{name}_high"] = high
+    for model, by_reward in scores.items():
+        for reward, values in by_reward.items():
+            metrics[f"{model}/{reward}"] = float(np.mean(values))
+        if (
+            "aux_reward/toxicity" in by_reward
+        ):  # reward = 1 - max_k p_k: above threshold <=> reward below 1 - t
+            metrics[f"{model}/violations"] = float(np.mean(by_reward["aux_reward/toxicity"] < 1 - threshold))
+    for model, texts, tokens in (
+        ("policy", samples.policy, samples.policy_tokens),
+        ("reference", samples.reference, samples.reference_tokens),
+    ):
+        flat = [t for row in texts for t in row]
+        metrics[f"{model}/length_tokens"] = float(np.mean([n for row in tokens for n in row]))
+        grades = [readability_grade(t) for t in flat]
+        metrics[f"{model}/readability_grade"] = (
+            float(np.nanmean(grades)) if not all(map(math.isnan, grades)) else math.nan
+        )
+    return {f"eval/generate/{k}": v for k, v in metrics.items()}
+
+
+def write_samples(path: Path, samples: Samples, scores: dict, judgements: dict) -> list[list]:
+    """generations.jsonl: one line per (prompt, sample); returns the rows of a W&B table."""
+    rows, table = [], []
+    num_samples = len(samples.policy[0]) if samples.policy else 0
+    for p, prompt in enumerate(samples.prompts):
+        for s in range(num_samples):
+            i = p * num_samples + s
+            record = {
+                "prompt": prompt,
+                "chosen": samples.chosen[p],
+                "policy": samples.policy[p][s],
+                "reference": samples.reference[p][s],
+                "scores": {m: {r: float(v[i]) for r, v in by.items()} for m, by in scores.items()},
+                "judgements": {name: j[i] for name, j in judgements.items()},
+            }
+            rows.append(json.dumps(record))
+            table.append([prompt, samples.policy[p][s], samples.reference[p][s], samples.chosen[p]])
+    path.write_text("\n".join(rows) + ("\n" if rows else ""))
+    return table
+
+
+def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict, Samples, dict, dict]:
+    """Sample, score and judge on the first `cfg.num_prompts` distinct held-out prompts.
+    `judge`: an object with `compare(prompts, first, second) -> [{"p_first": ...}]` (None: the reward
+    judge). Returns (metrics, samples, scores, judgements)."""
+    from prefopt.rewards import score_responses
+
+    table, split = run.table, run.eval
+    first_pair: dict[int, int] = {}
+    for i, prompt in enumerate(split.prompts.tolist()):
+        first_pair.setdefault(prompt, i)
+    prompt_ids = list(first_pair)[: cfg.num_prompts]
+    chosen = [
+        table.response_texts[table.sequence_response[int(split.chosen[first_pair[p]])]] for p in prompt_ids
+    ]
+    modes = [m for m in (run.policy, run.reference) if isinstance(m, torch.nn.Module)]
+    training = [m.training for m in modes]
+    for module in modes:
+        module.eval()
+    ids = [table.prompt_ids[p] for p in prompt_ids]
+    policy, policy_tokens = sample(run.policy, table.tokenizer, ids, cfg, device, seed)
+    reference, reference_tokens = sample(run.reference, table.tokenizer, ids, cfg, device, seed)
+    for module, mode in zip(modes, training):
+        module.train(mode)
+    texts = [table.prompt_texts[p] for p in prompt_ids]
+    samples = Samples(texts, chosen, policy, reference, policy_tokens, reference_tokens)
+    repeat = lambda values: [v for v in values for _ in range(cfg.num_samples)]  # noqa: E731
+    flat = {
+        "policy": [t for row in policy for t in row],
+        "reference": [t for row in reference for t in row],
+        "chosen": repeat(chosen),
+    }
+    prompts = repeat(texts)
+    scores: dict[str, dict[str, np.ndarray]] = {model: {} for model in flat}
+    for model, responses in flat.items():
+        if run.aux_reward is not None:
+            parts = {
+                f"aux_reward/{name}": score_responses(fn, prompts, responses, progress=False)
+                for name, fn in run.aux_reward.components.items()
+            }
+            combined = run.aux_reward.combine({k.split("/", 1)[1]: v for k, v in parts.items()})
+            scores[model] |= {"aux_reward": np.asarray(combined), **parts}
+        if run.task is not None:
+            scores[model]["oracle_reward"] = np.asarray(run.task.oracle_reward(prompts, responses))
+    judgements = {}
+    key = "oracle_reward" if run.task is not None else "aux_reward"
+    for other in ("reference", "chosen"):
+        if judge is not None:
+            verdicts = judge.compare(prompts, flat["policy"], flat[other])
+            judgements[other] = [v["p_first"] for v in verdicts]
+        elif key in scores["policy"]:
+            judgements[other] = reward_judge(scores["policy"][key], scores[other][key])
+    scored = {m: by for m, by in scores.items() if m != "chosen"}
+    metrics = summarize(samples, scored, judgements, cfg.toxicity_threshold)
+    log.info(
+        "generation eval on %d prompts x %d samples: %s",
+        len(prompt_ids),
+        cfg.num_samples,
+        ", ".join(
+            f"{k.removeprefix('eval/generate/')}={v:.4g}" for k, v in metrics.items() if "win_rate" in k
+        ),
+    )
+    return metrics, samples, scores, judgements
