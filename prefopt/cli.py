@@ -1,4 +1,5 @@
-"""`prefopt <command>`: `train` (a Hydra app: overrides, --help, --cfg, -m) and `report <sweep dir>`."""
+"""`prefopt <command>`: `train` (a Hydra app: overrides, --help, --cfg, -m), `evaluate <run dir>` and
+`report <sweep dir>`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ USAGE = """usage: prefopt <command> [args]
 commands:
   train [overrides]     train and evaluate one run; `-m` sweeps (Hydra multirun); --help lists the options
   report <sweep dir>    tables, figures and REPORT.md for a finished multirun
+  evaluate <run dir | checkpoint> [key=value ...]
+                        held-out metrics and generation eval of a saved model, without training
 """
 
 
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["prefopt train", *rest]
         train_main()
         return 0
+    if command == "evaluate":
+        from prefopt.training.evaluate_saved import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "report":
         from prefopt.research.report import main as report_main
 
