@@ -58,6 +58,8 @@ class ReferenceFitConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 200  # optimizer steps
+    epochs: float | None = None  # passes over the train pairs; when set, it decides max_steps
+    optimizer: str = "adamw"  # adamw | rmsprop
     batch_size: int = 32  # preference pairs per optimizer step (a smaller dataset gives full-batch steps)
     micro_batch_size: int | None = None  # pairs per forward pass; None: the whole batch (no accumulation)
     lr: float = 1e-3  # peak learning rate (AdamW)
@@ -274,7 +276,9 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "logps_chunk_tokens": trainer.logps_chunk_tokens >= 1,
         "log_every_steps": trainer.log_every_steps >= 1,
         "num_threads": trainer.num_threads >= 1,
+        "epochs": trainer.epochs is None or trainer.epochs > 0,
+        "optimizer": trainer.optimizer in ("adamw", "rmsprop"),
         "reference_fit.max_steps": trainer.reference_fit.max_steps >= 0,
         "reference_fit.lr": trainer.reference_fit.lr > 0,
     }
-    _check("trainer", trainer, checks, {"precision": "auto | fp32 | bf16"})
+    _check("trainer", trainer, checks, {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -32,6 +33,21 @@ CLOSING_ROWS = {  # the closing summary: reference (step 0) beside final
     "aux reward": "eval/aux_reward",
     "held-out loss": "eval/loss",
 }
+
+
+def _adamw(groups, cfg):
+    import torch
+
+    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas))
+
+
+def _rmsprop(groups, cfg):
+    import torch
+
+    return torch.optim.RMSprop(groups)  # HPO's (lr and weight decay come from the groups)
+
+
+OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (param groups, cfg) -> optimizer
 
 
 class RunDirInUse(FileExistsError):
@@ -97,12 +113,15 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     quiet_library_progress_bars()
     run = prepare(rc, device)
     seed_everything(rc.seed)  # training's randomness must not depend on what prepare did (fit or cache)
+    if rc.trainer.epochs is not None:  # passes over the train pairs decide the step count
+        rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
+        log.info("trainer.epochs=%g: %d steps", rc.trainer.epochs, rc.trainer.max_steps)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     groups = [{"params": trainable, "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}]
     if run.inputs.value_head is not None:
         groups.append({"params": list(run.inputs.value_head.parameters()), "lr": rc.trainer.value_head_lr})
     params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, betas=tuple(rc.trainer.adam_betas))
+    optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer)
     optimizer.zero_grad(set_to_none=True)
     scheduler = get_scheduler(
         rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, rc.trainer.max_steps
