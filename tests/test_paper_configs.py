@@ -105,3 +105,35 @@ def test_dpo_imdb_runs_on_precomputed_pairs_with_the_sentiment_reward(tmp_path, 
     final = summary["final_eval"]
     assert 0 <= final["eval/generate/policy/aux_reward/sentiment"] <= 1
     assert 0 <= final["eval/generate/win_rate_vs_reference"] <= 1
+
+
+def test_the_issue_9_command_writes_samples_judgements_and_the_win_rate_table(
+    tmp_path,
+    tiny_pretrained,  # noqa: F811
+    bert_dir,  # noqa: F811
+):
+    """hh_rlhf from a local copy, a local tiny model, readability + toxicity with a local classifier, hpo,
+    eval.generate=true: the reward judge compares by R (no oracle on real data)."""
+    summary = run(
+        tmp_path,
+        "dataset=hh_rlhf",
+        *fixture("hh_rlhf", tmp_path / "data"),
+        "model=pretrained",
+        f"model.name_or_path={tiny_pretrained}",
+        "aux_reward=[readability,toxicity]",
+        f"aux_reward.toxicity.model={bert_dir}",
+        "aux_reward.toxicity.max_length=64",
+        "objective=hpo",
+        "eval.generate=true",
+        "trainer.max_steps=2",
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(
+        "reference" in r["judgements"] and "chosen" in r["judgements"] for r in rows
+    )
+    r_policy = [r["scores"]["policy"]["aux_reward"] for r in rows]
+    r_reference = [r["scores"]["reference"]["aux_reward"] for r in rows]
+    wins = [0.5 if a == b else float(a > b) for a, b in zip(r_policy, r_reference)]
+    assert summary["final_eval"]["eval/generate/win_rate_vs_reference"] == pytest.approx(sum(wins) / 3)
+    table = (tmp_path / "run" / "generation_eval.md").read_text()
+    assert "| reference |" in table and "| chosen |" in table and "aux_reward/toxicity" in table

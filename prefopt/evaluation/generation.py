@@ -196,3 +196,18 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
         ),
     )
     return metrics, samples, scores, judgements
+
+
+def markdown_table(metrics: dict, num_comparisons: int) -> str:
+    """The win-rate table and the sample means of a generation eval, as Markdown."""
+    get = lambda key: metrics.get(f"eval/generate/{key}", math.nan)  # noqa: E731
+    lines = ["| policy against | win rate | 95% interval | comparisons |", "|---|---|---|---|"]
+    for other in ("reference", "chosen"):
+        if f"eval/generate/win_rate_vs_{other}" in metrics:
+            mean, low, high = (get(f"win_rate_vs_{other}{end}") for end in ("", "_low", "_high"))
+            lines.append(f"| {other} | {mean:.3f} | [{low:.3f}, {high:.3f}] | {num_comparisons} |")
+    names = sorted({k.split("/", 3)[3] for k in metrics if k.startswith("eval/generate/policy/")})
+    lines += ["", "| samples | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model in ("policy", "reference"):
+        lines.append(f"| {model} | " + " | ".join(f"{get(f'{model}/{n}'):.4g}" for n in names) + " |")
+    return "\n".join(lines) + "\n"

@@ -221,7 +221,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
 
 def _generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
     """eval/generate/* metrics; samples and judgements to generations.jsonl and a W&B table."""
-    from prefopt.evaluation.generation import evaluate_generations, write_samples
+    from prefopt.evaluation.generation import evaluate_generations, markdown_table, write_samples
 
     cfg = rc.eval.generation
     judge = None
@@ -234,6 +234,7 @@ def _generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict
         judge = LLMJudge(options, run_dir / "judge_cache")
     metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
     rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
+    (run_dir / "generation_eval.md").write_text(markdown_table(metrics, len(rows)))
     tracker.log(metrics, rc.trainer.max_steps)
     tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
     return metrics
