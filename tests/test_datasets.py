@@ -376,9 +376,22 @@ def test_imdb_pairs_from_samples_rank_by_score_and_skip_ties():
     assert len(pairs_from_samples(["x"], [["a", "b", "c", "d"]], [[4, 3, 2, 1]], max_pairs_per_prompt=2)) == 2
 
 
-def test_imdb_without_precomputed_pairs_fails_at_once_naming_the_missing_step():
-    with pytest.raises(ValueError, match=r"\[6/8\].*dataset\.pairs_path"):
-        load("imdb")
+def write_imdb(root: Path, reviews: list[str]) -> Path:
+    for split in ("train", "test"):
+        rows = [{"text": review, "label": 1} for review in reviews]
+        write_parquet(root / "plain_text" / f"{split}-00000-of-00001.parquet", rows)
+    return root
+
+
+def test_imdb_without_precomputed_pairs_asks_for_pairs_from_the_references_samples(tmp_path: Path):
+    root = write_imdb(
+        tmp_path / "imdb", ["This movie was absolutely wonderful, the best film of the year."] * 6
+    )
+    data = load("imdb", path=str(root), samples_per_prompt=3, scorer="sentiment")
+    request = data.pairs_from_samples
+    assert (len(data.train), len(data.eval)) == (0, 0)
+    assert (len(request.train_prompts), len(request.eval_prompts), request.samples_per_prompt) == (6, 6, 3)
+    assert request.scorer == "sentiment" and all(p.startswith("This movie") for p in request.train_prompts)
 
 
 def test_imdb_trains_on_a_file_of_precomputed_pairs(tmp_path: Path):

@@ -137,3 +137,41 @@ def test_the_issue_9_command_writes_samples_judgements_and_the_win_rate_table(
     assert summary["final_eval"]["eval/generate/win_rate_vs_reference"] == pytest.approx(sum(wins) / 3)
     table = (tmp_path / "run" / "generation_eval.md").read_text()
     assert "| reference |" in table and "| chosen |" in table and "aux_reward/toxicity" in table
+
+
+def test_dpo_imdb_builds_its_pairs_from_the_references_samples_ranked_by_sentiment(
+    tmp_path,
+    tiny_pretrained,  # noqa: F811
+    bert_dir,  # noqa: F811
+):
+    """No pairs file: the run samples 4 completions of each review prefix from the starting model, scores
+    them with the sentiment classifier and trains on the differently scored pairs, as the DPO paper did."""
+    from test_datasets import write_imdb
+
+    reviews = [f"tell me about cats {i} the cat sat" for i in range(6)]
+    summary = run(
+        tmp_path,
+        "+experiment=dpo_imdb",
+        f"model.name_or_path={tiny_pretrained}",
+        f"dataset.path={write_imdb(tmp_path / 'imdb', reviews)}",
+        "dataset.max_new_tokens=4",
+        f"aux_reward.sentiment.model={bert_dir}",
+        "aux_reward.sentiment.positive=0",
+        "aux_reward.sentiment.max_length=64",
+        "trainer.batch_size=8",
+    )
+    sampled = summary["data"]["sampled_pairs"]
+    assert 0 < sampled["train"] <= 6 * 6 and 0 < sampled["eval"] <= 6 * 6  # at most C(4, 2) per prompt
+    assert summary["data"]["train_pairs"] == sampled["train"]
+    assert 0 <= summary["final_eval"]["eval/generate/win_rate_vs_reference"] <= 1
+
+
+def test_dpo_imdb_without_the_scorer_reward_fails_before_the_model_loads(tmp_path, tiny_pretrained):  # noqa: F811
+    from test_datasets import write_imdb
+
+    path = write_imdb(tmp_path / "imdb", ["a review"] * 3)
+    rc = load_run_config(
+        compose_config("+experiment=dpo_imdb", f"dataset.path={path}", "aux_reward=none", *SMALL)
+    )
+    with pytest.raises(ValueError, match="dataset.scorer=sentiment"):
+        train(rc, tmp_path)

@@ -5,13 +5,13 @@ pairs are the reference model's completions of a prefix, ranked by a sentiment c
 Hub format: parquet splits train / test / unsupervised (25k / 25k / 50k) with columns
     text (the review, with "<br />" line breaks), label (0 negative, 1 positive).
 
-What exists today: `review_prefixes` (the prompts: the first 2 to 8 words of each review, drawn with the
-seed; words stand in for the GPT-2 tokens of TRL's sentiment example, as the data side has no tokenizer),
-`load_prompts` (them, through load_dataset), and `pairs_from_samples` (pairs from each prompt's samples and
-their classifier scores), for the generation step to call. That step needs the sentiment classifier, which
-comes with the sentiment reward ([6/8]); until then `dataset=imdb` trains only on precomputed pairs,
-`dataset.pairs_path=<file or dir of prompt/chosen/rejected rows>` (read like dataset=preference), and
-without it stops at once saying so.
+The prompts are the first 2 to 8 words of each review (`review_prefixes`, drawn with the seed; words stand
+in for the GPT-2 tokens of TRL's sentiment example). Without `dataset.pairs_path` the loader returns them
+with a `SampledPairs` request: once the model is built, the run samples `samples_per_prompt` completions of
+each prompt from the reference, scores them with the aux reward named by `dataset.scorer` (the sentiment
+classifier, `aux_reward=sentiment`) and builds the pairs with `pairs_from_samples`, for the train and the
+eval prompts alike. `dataset.pairs_path=<file or dir of prompt/chosen/rejected rows>` trains on
+precomputed pairs instead (read like dataset=preference).
 """
 
 from __future__ import annotations
@@ -35,12 +35,33 @@ class IMDbConfig(SourceConfig):
     text_column: str = "text"
     min_prompt_words: int = 2  # each prompt is the first n words of a review, n uniform in [min, max]
     max_prompt_words: int = 8
-    pairs_path: str | None = None  # precomputed pairs (prompt/chosen/rejected rows); required until [6/8]
+    pairs_path: str | None = None  # precomputed pairs (prompt/chosen/rejected rows); None: sample them
+    samples_per_prompt: int = 4  # completions sampled from the reference per prompt
+    max_new_tokens: int = 48  # length of a sampled completion
+    scorer: str = "sentiment"  # the aux reward (aux_reward=<name>) that ranks the completions
+    max_pairs_per_prompt: int | None = None  # None: every pair of differently scored completions
 
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.min_prompt_words <= self.max_prompt_words:
             raise ConfigFieldError("min_prompt_words", "need 1 <= min_prompt_words <= max_prompt_words")
+        if self.samples_per_prompt < 2:
+            raise ConfigFieldError("samples_per_prompt", "need at least 2 completions to make a pair")
+        if self.max_new_tokens < 1:
+            raise ConfigFieldError("max_new_tokens", "need at least 1")
+
+
+@dataclass(frozen=True)
+class SampledPairs:
+    """A request for pairs built from the reference's samples of each prompt, ranked by an aux reward."""
+
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    samples_per_prompt: int
+    max_new_tokens: int
+    scorer: str
+    max_pairs_per_prompt: int | None
+    seed: int
 
 
 def review_prefixes(texts: list[str], min_words: int, max_words: int, rng: np.random.Generator) -> list[str]:
@@ -105,11 +126,26 @@ def pairs_from_samples(
 
 def load_imdb(cfg: IMDbConfig, seed: int) -> TextData:
     if cfg.pairs_path is None:
-        raise ValueError(
-            "dataset=imdb: its pairs are reference completions of review prefixes ranked by a sentiment "
-            "classifier, which arrives with the sentiment reward [6/8]; until then give precomputed pairs, "
-            "dataset.pairs_path=<.jsonl/.json/.parquet/.csv file or dir of prompt/chosen/rejected rows> "
-            "(prefopt.data.imdb.pairs_from_samples builds them from prompts, samples and scores)"
+        prompts = load_prompts(cfg, seed)
+        request = SampledPairs(
+            prompts["train"],
+            prompts["eval"],
+            cfg.samples_per_prompt,
+            cfg.max_new_tokens,
+            cfg.scorer,
+            cfg.max_pairs_per_prompt,
+            cfg.seed if cfg.seed is not None else seed,
+        )
+        empty = TextPairs([], [], [], [])
+        report = {"dataset": "imdb", "prompts": {k: len(v) for k, v in prompts.items()}}
+        return TextData(
+            empty,
+            empty,
+            cfg.max_prompt_tokens,
+            cfg.max_response_tokens,
+            max_length=cfg.max_length,
+            report=report,
+            pairs_from_samples=request,
         )
     shared = {
         f.name: getattr(cfg, f.name) for f in fields(SourceConfig) if f.name not in ("path", "data_dir")

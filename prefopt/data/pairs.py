@@ -52,6 +52,7 @@ class TextData:
     task: Any = None  # a SyntheticTask for dataset=synthetic
     max_length: int | None = None  # prompt + response tokens; None: the two limits only
     report: dict = field(default_factory=dict)
+    pairs_from_samples: Any = None  # a SampledPairs request: the pairs come from the reference's samples
 
 
 @dataclass

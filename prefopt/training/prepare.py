@@ -51,6 +51,12 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
     log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
     aux_reward = build_aux_reward(rc.aux_reward, text.task)  # fails on a bad reward before the model loads
+    request = text.pairs_from_samples
+    if request is not None and (aux_reward is None or request.scorer not in aux_reward.components):
+        raise ValueError(
+            f"dataset.scorer={request.scorer}: the pairs are ranked by that aux reward; configure it "
+            f"(aux_reward={request.scorer}) or give precomputed pairs with dataset.pairs_path"
+        )
     needs = rc.objective.requirements()
     kl_estimator = getattr(rc.objective, "kl_estimator", None) if needs.kl else None
     if kl_estimator == "exact" and text.task is None:
@@ -58,6 +64,8 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
     policy.to(device)
+    if text.pairs_from_samples is not None:  # the data's pairs come from the starting model's samples
+        text = _sampled_pairs(text, policy, tokenizer, aux_reward, device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
     train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
@@ -136,6 +144,48 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     )
 
 
+def _sampled_pairs(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
+    """Pairs from `samples_per_prompt` completions of each prompt by the starting model (the reference),
+    ranked by the request's aux reward (the DPO paper's IMDb pairs)."""
+    from dataclasses import replace
+
+    from prefopt.config import GenerationConfig
+    from prefopt.data.imdb import pairs_from_samples
+    from prefopt.evaluation.generation import sample
+
+    request = text.pairs_from_samples
+    cfg = GenerationConfig(num_samples=request.samples_per_prompt, max_new_tokens=request.max_new_tokens)
+    table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
+    scorer = aux_reward.components[request.scorer]
+    was_training = model.training
+    model.eval()
+    splits = {}
+    for name, prompts in (("train", request.train_prompts), ("eval", request.eval_prompts)):
+        ids = [table.prompt_ids[table.prompt(p)] for p in prompts]
+        samples, _ = sample(model, tokenizer, ids, cfg, device, request.seed)
+        flat = [y for row in samples for y in row]
+        repeated = [p for p in prompts for _ in range(cfg.num_samples)]
+        scores = score_responses(scorer, repeated, flat, progress=progress_enabled()).reshape(
+            len(prompts), -1
+        )
+        splits[name] = pairs_from_samples(
+            prompts, samples, scores.tolist(), request.max_pairs_per_prompt, request.seed
+        )
+        log.info(
+            "%s: %d pairs from %d prompts x %d samples",
+            name,
+            len(splits[name]),
+            len(prompts),
+            cfg.num_samples,
+        )
+    model.train(was_training)
+    for name, pairs in splits.items():
+        if not len(pairs):
+            raise ValueError(f"dataset: no {name} pair: every prompt's samples scored alike")
+    report = {**text.report, "sampled_pairs": {k: len(v) for k, v in splits.items()}}
+    return replace(text, train=splits["train"], eval=splits["eval"], report=report, pairs_from_samples=None)
+
+
 def _wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
     """Fit pi_ref only where it means something: a task that has one, and a policy that starts untrained
     (a checkpoint continues as it is) unless `trainer.reference_fit.enabled` says otherwise."""
@@ -155,9 +205,13 @@ def _vocabulary(text: TextData) -> list[str]:
         return render_prompt(None, value).split()  # messages, as a tokenizer without a template sees them
 
     pairs = (text.train, text.eval)
-    return sorted(
-        {w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in words(t)}
-    )
+    vocabulary = {
+        w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in words(t)
+    }
+    if text.pairs_from_samples is not None:  # prompts whose responses the model will write
+        request = text.pairs_from_samples
+        vocabulary |= {w for p in (*request.train_prompts, *request.eval_prompts) for w in words(p)}
+    return sorted(vocabulary)
 
 
 def _split(table: SequenceTable, pairs: TextPairs, name: str) -> PairSplit:
