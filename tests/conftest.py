@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def save_tiny_llama(directory: Path, tokenizer, seed: int = 0) -> Path:
+@contextmanager
+def torch_threads(count: int):
+    """Run with `count` torch threads (tiny models gain nothing from more; a fit's path depends on it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_tiny_llama(directory: Path, tokenizer, seed: int = 0, head=None, **config) -> Path:
     """A 2-layer width-32 Llama over `tokenizer`, written with its tokenizer by save_pretrained: a local
-    `model=pretrained` path (its BOS and EOS are the tokenizer's)."""
+    `model=pretrained` path (its BOS and EOS are the tokenizer's). `head`: the model class (default a
+    causal LM); `config`: LlamaConfig fields to change."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -73,7 +88,8 @@ def save_tiny_llama(directory: Path, tokenizer, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+    config = LlamaConfig(**(fields | config))
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    (head or LlamaForCausalLM)(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

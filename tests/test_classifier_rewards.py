@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config, run_training
+from conftest import compose_config, run_training, save_tiny_llama
 
 from prefopt.config import load_run_config
 from prefopt.models import build_word_tokenizer
@@ -61,26 +61,19 @@ def bert_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_rm_dir(tmp_path_factory):
     """A 2-layer width-32 Llama with one logit and a chat template: a reward model."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    directory = tmp_path_factory.mktemp("tiny-rm")
     tokenizer = build_word_tokenizer(WORDS + ["<user>", "<assistant>"])
     tokenizer.chat_template = CHAT
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
+    directory = tmp_path_factory.mktemp("tiny-rm")
+    return save_tiny_llama(
+        directory,
+        tokenizer,
+        seed=1,
+        head=LlamaForSequenceClassification,
         num_labels=1,
+        max_position_embeddings=64,
     )
-    torch.manual_seed(1)
-    LlamaForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def build(name: str, **fields):

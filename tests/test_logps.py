@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
 from prefopt.logps import hidden_states, model_logps, token_kl
@@ -42,10 +43,8 @@ ROWS = [
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """A width-32 model gains nothing from threads; on a busy machine they cost 100x (spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny_model(seed: int = 0):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_config, run_training, save_tiny_llama
+from conftest import FAST, compose_config, run_training, save_tiny_llama, torch_threads
 from transformers import AutoModelForCausalLM
 
 from prefopt.config import ConfigError, load_run_config
@@ -47,10 +47,8 @@ HUB = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny(r: int = 0, seed: int = 0, **lora):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, torch_threads
 
 from prefopt.config import load_run_config
 from prefopt.data import DATASETS
@@ -29,10 +29,8 @@ HARD = [
 @pytest.fixture(autouse=True)
 def one_thread():
     """A fit's path depends on the thread count (summation order); pin it as every run does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def build(*overrides: str):
