@@ -254,3 +254,11 @@ class PairSampler:
             self.queue = torch.cat([self.queue, torch.randperm(self.num_pairs, generator=self.generator)])
         batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
         return batch
+
+    def state_dict(self) -> dict:
+        """The position in the epoch order: the generator's state and the pairs still queued."""
+        return {"generator": self.generator.get_state(), "queue": self.queue.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.queue = state["queue"].clone()
