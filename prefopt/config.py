@@ -72,6 +72,7 @@ class TrainerConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
     logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    reference_cache: bool = True  # reuse reference log-probs across runs (same weights, tokenizer, tokens)
     log_every_steps: int = 10
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
     value_head_width: int = 128  # hidden width of that head

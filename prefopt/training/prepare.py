@@ -23,6 +23,7 @@ from prefopt.models.value_head import ValueHead
 from prefopt.objectives import OBJECTIVES
 from prefopt.progress import progress, progress_enabled
 from prefopt.rewards import build_aux_reward, score_responses
+from prefopt.training.reference_cache import cached_reference_logps, free_memory
 from prefopt.training.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
 from prefopt.training.step import LossInputs
 
@@ -94,7 +95,18 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         kl_side = _reference_samples(reference, table, rc.objective.kl_samples_per_prompt, rc.seed, device)
 
     chunk = rc.trainer.logps_chunk_tokens
-    reference_logps = _all_sequence_logps(reference, table, chunk, device)
+    reference_logps, reference_cache = cached_reference_logps(
+        reference,
+        table,
+        lambda: _all_sequence_logps(reference, table, chunk, device),
+        device,
+        enabled=rc.trainer.reference_cache,
+        chunk_tokens=chunk,
+        precision=rc.trainer.precision,
+    )
+    if kl_estimator != "token" and not rc.eval.generate:  # nothing reads the model after this pass
+        reference = None
+        free_memory(device)
     aux_rewards, aux_components = None, {}
     if aux_reward is not None:
         prompts, responses = table.texts(list(range(len(table))))
@@ -140,6 +152,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
             "train_pairs": len(train),
             "eval_pairs": len(held_out),
             "tokenization": table.counts.as_dict(),
+            "reference_logps_cache": reference_cache,  # hit | miss | off
         },
     )
 
