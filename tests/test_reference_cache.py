@@ -158,6 +158,31 @@ def test_an_unreadable_cache_file_is_recomputed_with_a_warning(damage, caplog):
     assert cached(model, table, never)[1] == "hit"  # rewritten whole
 
 
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_write_that_fails_leaves_no_partial_file(error, monkeypatch, caplog):
+    """A failed write costs the cache entry, not the run; an interrupted one propagates. Neither leaves a
+    temporary file or an entry behind."""
+    import safetensors.torch
+
+    def failing(tensors, filename, metadata=None):
+        with open(filename, "wb") as half:
+            half.write(b"\x00" * 8)
+        raise error
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    model, table = build()
+    expected = Pass(model, table)()
+    if isinstance(error, OSError):
+        with caplog.at_level(logging.WARNING, logger=reference_cache.__name__):
+            logps, status = cached(model, table, Pass(model, table))
+        assert status == "miss" and torch.equal(logps, expected)
+        assert any("disk full" in r.getMessage() for r in caplog.records)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            cached(model, table, Pass(model, table))
+    assert list(cache_dir().iterdir()) == []
+
+
 def test_a_lora_reference_is_keyed_by_its_base_not_its_disabled_adapters():
     policy, _ = build(lora=2)
     reference = adapter_reference(policy)

@@ -198,7 +198,9 @@ def load(key: str, num_sequences: int) -> Tensor | None:
 
 
 def store(key: str, logps: Tensor) -> None:
-    """Write atomically: a temporary file renamed into place. A failed write is a warning, not an error."""
+    """Write atomically: a temporary file renamed into place (removed if anything stops the write). A failed
+    write is a warning, not an error: the run has its values either way."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = cache_dir()
@@ -210,8 +212,10 @@ def store(key: str, logps: Tensor) -> None:
         tensor = logps.detach().to("cpu", torch.float32).contiguous()
         save_file({"logps": tensor}, staging, metadata={"key": key, "format": str(FORMAT)})
         os.replace(staging, root / f"{key}.safetensors")
-    except OSError as error:
+        staging = None
+    except (OSError, SafetensorError) as error:
         log.warning("reference log-probs cache: could not write to %s (%s); not cached", root, error)
+    finally:
         if staging is not None:
             Path(staging).unlink(missing_ok=True)
 
