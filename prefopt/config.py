@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,14 @@ class TrainerConfig:
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
     value_head_width: int = 128  # hidden width of that head
     save_checkpoint: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
+    checkpoint_every_steps: int | None = 100  # training-state checkpoint period (also at the end, on preemption)
+    keep_last_checkpoints: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
+    resume: str | None = None  # auto (newest intact checkpoint in the run dir) | a checkpoint or run dir path
+    resume_allow_changes: list[str] = field(
+        default_factory=lambda: ["trainer.max_steps", "trainer.checkpoint_every_steps", "logger"]
+    )  # config keys (or prefixes) a resumed run may change
+    max_bad_steps: int = 5  # consecutive non-finite loss or gradient steps (each skipped) that stop the run
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
 
 
@@ -267,6 +276,9 @@ def _check(where: str, node: Any, checks: dict[str, bool], expected: dict[str, s
             raise ConfigError(f"{where}.{key}: invalid value {value!r}{hint}")
 
 
+_SIGNALS = {s.name for s in signal.Signals}
+
+
 def _check_trainer(trainer: TrainerConfig) -> None:
     checks = {
         "max_steps": trainer.max_steps >= 0,
@@ -281,5 +293,9 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "optimizer": trainer.optimizer in ("adamw", "rmsprop"),
         "reference_fit.max_steps": trainer.reference_fit.max_steps >= 0,
         "reference_fit.lr": trainer.reference_fit.lr > 0,
+        "checkpoint_every_steps": trainer.checkpoint_every_steps is None or trainer.checkpoint_every_steps >= 1,
+        "keep_last_checkpoints": trainer.keep_last_checkpoints >= 1,
+        "max_bad_steps": trainer.max_bad_steps >= 1,
+        "preemption_signals": all(name in _SIGNALS for name in trainer.preemption_signals),
     }
     _check("trainer", trainer, checks, {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"})

@@ -2,37 +2,36 @@
 
 The loop reads top to bottom: schedule, micro-batches, forward, loss, backward, clip, step, log, eval,
 checkpoint. It never looks at the objective's name; what an objective needs is built in `prepare`.
+Checkpoints hold the whole training state (`prefopt.training.checkpoint`), so a run killed at any moment
+and resumed with `trainer.resume=auto` takes the same steps as one never interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
-from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
+from prefopt.training.preemption import Preempted, PreemptionGuard
+from prefopt.training.resume import RunDirInUse, plan_resume
+from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-CLOSING_ROWS = {  # the closing summary: reference (step 0) beside final
-    "held-out accuracy": "eval/rewards/accuracies",
-    "win rate vs reference": "eval/win_rate",
-    "KL(pi* || pi_theta)": "eval/kl_star",
-    "outside mass": "eval/outside_mass",
-    "oracle reward": "eval/oracle_reward",
-    "aux reward": "eval/aux_reward",
-    "held-out loss": "eval/loss",
-}
+__all__ = ["RunDirInUse", "main", "train"]
 
 
 def _adamw(groups, cfg):
@@ -50,42 +49,54 @@ def _rmsprop(groups, cfg):
 OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (param groups, cfg) -> optimizer
 
 
-class RunDirInUse(FileExistsError):
-    """The run dir already holds another run's metrics."""
+class NonFiniteTraining(FloatingPointError):
+    """`trainer.max_bad_steps` consecutive steps had a non-finite loss or gradient."""
 
 
-def check_run_dir_free(run_dir: Path) -> None:
-    if (run_dir / "metrics.jsonl").exists():
-        raise RunDirInUse(
-            f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir, or remove it"
-        )
+@dataclass
+class LoopState:
+    """What the loop accumulates, checkpointed as JSON so a resumed run continues every record."""
+
+    step: int = 0  # optimizer steps taken (skipped bad steps count: they consumed their batch)
+    history: list = field(default_factory=list)  # every evaluation, with its per-prompt detail
+    step_losses: list = field(default_factory=list)  # per finite step, for the convergence report
+    grad_norms: list = field(default_factory=list)
+    window: dict = field(default_factory=dict)  # train metric sums since the last train log
+    window_steps: int = 0
+    bad_steps: list = field(default_factory=list)  # {step, loss, grad_norm, pairs} of each skipped step
+    consecutive_bad: int = 0
+    reference_eval: dict = field(default_factory=dict)
+    reference_detail: dict = field(default_factory=dict)
+    resumed_at: list = field(default_factory=list)  # steps a resumed run continued from
+    last_train: dict = field(default_factory=dict)  # the last train/* record logged
 
 
 def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
-    """Prepare, train, evaluate and write the run dir; returns summary.json's content. On any failure
-    (or Ctrl-C) summary.json says so, the tracker is closed, and the error propagates."""
+    """Prepare, train, evaluate and write the run dir; returns summary.json's content. Raises RunDirInUse
+    or ConfigError (a resume that does not fit) before anything loads. On any failure, preemption or
+    Ctrl-C, summary.json says so, the tracker is closed, and the error propagates."""
+    from prefopt.training.checkpoint import read_state
     from prefopt.training.tracking import Tracker
 
-    check_run_dir_free(run_dir)
+    plan = plan_resume(rc, run_dir)
+    if plan.finished is not None:
+        log.info("%s already finished (summary.json says completed): nothing to resume", run_dir)
+        return plan.finished
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: every interpolation filled
+    saved = read_state(plan.checkpoint) if plan.checkpoint is not None else None
     started = time.perf_counter()
     tracker = None
     try:
         device = _configure_torch(rc)
-        tracker = Tracker(rc.logger, run_dir, rc.raw, _run_name(rc), group)
-        summary = _train(rc, run_dir, device, tracker, started)
+        kept = _kept_records(plan.checkpoint, saved) if saved else ([] if plan.restart else None)
+        wandb_id = saved.get("wandb_id") if saved else None
+        tracker = Tracker(rc.logger, run_dir, rc.raw, run_name(rc), group, kept, wandb_id)
+        with PreemptionGuard(rc.trainer.preemption_signals) as guard:
+            summary = _train(rc, run_dir, device, tracker, started, plan.checkpoint, guard)
     except BaseException as error:
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        failed = {
-            "status": status,
-            "objective": rc.objective_name,
-            "seed": rc.seed,
-            "error": repr(error),
-            "traceback": traceback.format_exc(),
-            "runtime_s": round(time.perf_counter() - started, 2),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(failed, indent=1))
+        _write_failed_summary(rc, run_dir, error, started)
         if tracker is not None:
-            tracker.finish(exit_code=1)
+            tracker.finish(exit_code=getattr(error, "exit_code", 1), preempted=isinstance(error, Preempted))
         raise
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     convergence = {
@@ -93,21 +104,43 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     }
     tracker.summary({**summary["final_eval"], **convergence, "runtime_s": summary["runtime_s"]})
     tracker.finish()
-    _log_closing_summary(rc, summary, run_dir)
+    log_closing_summary(rc, summary, run_dir)
     return summary
 
 
-def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dict:
+def _kept_records(checkpoint: Path, saved: dict) -> list[str]:
+    """The metrics.jsonl lines written up to the checkpoint (the checkpoint's run dir may be another)."""
+    source = checkpoint.parents[1] / "metrics.jsonl"
+    lines = source.read_text().splitlines() if source.exists() else []
+    return lines[: saved["metrics_records"]]
+
+
+def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, started: float) -> None:
+    status = {Preempted: "preempted", KeyboardInterrupt: "interrupted"}.get(type(error), "failed")
+    failed = {
+        "status": status,
+        "objective": rc.objective_name,
+        "seed": rc.seed,
+        "error": repr(error),
+        "traceback": traceback.format_exc(),
+        "runtime_s": round(time.perf_counter() - started, 2),
+    }
+    if isinstance(error, Preempted):
+        failed |= {"step": error.step, "checkpoint": str(error.checkpoint), "resume": resume_command(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(failed, indent=1))
+
+
+def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkpoint, guard) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from prefopt.data.batching import PairSampler, make_batch
+    from prefopt.data.batching import PairSampler
     from prefopt.evaluation.convergence import run_convergence
     from prefopt.evaluation.evaluate import evaluate
     from prefopt.progress import progress, quiet_library_progress_bars
+    from prefopt.training.checkpoint import load_checkpoint
     from prefopt.training.prepare import prepare
     from prefopt.training.seeding import seed_everything
-    from prefopt.training.step import pair_loss
 
     autocast = _autocast(rc.trainer.precision, device)
     quiet_library_progress_bars()
@@ -116,167 +149,208 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float) -> dic
     if rc.trainer.epochs is not None:  # passes over the train pairs decide the step count
         rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
         log.info("trainer.epochs=%g: %d steps", rc.trainer.epochs, rc.trainer.max_steps)
-    trainable = [p for p in run.policy.parameters() if p.requires_grad]
-    groups = [{"params": trainable, "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}]
+    max_steps = rc.trainer.max_steps
+    trainable = torch.nn.ModuleDict({"policy": run.policy})  # what a checkpoint holds (trainable part)
+    groups = [
+        {"params": _trainable(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
+    ]
     if run.inputs.value_head is not None:
-        groups.append({"params": list(run.inputs.value_head.parameters()), "lr": rc.trainer.value_head_lr})
+        trainable["value_head"] = run.inputs.value_head
+        groups.append({"params": _trainable(run.inputs.value_head), "lr": rc.trainer.value_head_lr})
     params = [p for group in groups for p in group["params"]]
     optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer)
     optimizer.zero_grad(set_to_none=True)
-    scheduler = get_scheduler(
-        rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, rc.trainer.max_steps
-    )
+    scheduler = get_scheduler(rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, max_steps)
     sampler = PairSampler(len(run.train), rc.trainer.batch_size, rc.seed)
-    micro_size = rc.trainer.micro_batch_size or rc.trainer.batch_size
-    max_norm = rc.trainer.max_grad_norm if rc.trainer.max_grad_norm is not None else float("inf")
-    needs = rc.objective.requirements()
-    history, step_losses, grad_norms = [], [], []
+    state = LoopState()
 
     def run_eval(step: int) -> tuple[dict, dict]:
         metrics, detail = evaluate(run, step, rc.eval.batch_size, device, autocast)
-        history.append({"step": step, **metrics, **detail})
+        state.history.append({"step": step, **metrics, **detail})
         tracker.log(metrics, step)
-        log.info("eval @ step %d: %s", step, _brief(metrics))
+        log.info("eval @ step %d: %s", step, brief(metrics))
         return metrics, detail
 
-    reference_eval, reference_detail = run_eval(0) if rc.eval.at_start else ({}, {})
+    def save(step: int) -> Path:
+        from prefopt.training.checkpoint import save_checkpoint
+
+        record = {
+            "loop": asdict(state),
+            "config": rc.raw,
+            "wandb_id": tracker.run_id,
+            "metrics_records": tracker.records,
+            "reference_logps_sha256": _digest(run.inputs.reference_logps),
+        }
+        keep = rc.trainer.keep_last_checkpoints
+        return save_checkpoint(run_dir, step, trainable, optimizer, scheduler, sampler, record, keep)
+
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint, trainable, optimizer, scheduler, sampler)  # RNG states too
+        state = LoopState(**saved["loop"])
+        state.resumed_at.append(state.step)
+        if saved.get("reference_logps_sha256") != _digest(run.inputs.reference_logps):
+            log.warning("the reference log-probs differ from the checkpoint's: not a bit-exact continuation")
+        log.info("resumed from %s at step %d of %d", checkpoint, state.step, max_steps)
+    elif rc.eval.at_start:
+        state.reference_eval, state.reference_detail = run_eval(0)
     run.policy.train()
-    log.info("training: %d steps of %d pairs", rc.trainer.max_steps, sampler.batch_size)
-    totals, tokens, window_start, train_metrics = defaultdict(float), 0, time.perf_counter(), {}
-    bar = progress(range(1, rc.trainer.max_steps + 1), desc="train", unit="step")
+    log.info("training: steps %d-%d of %d pairs", state.step + 1, max_steps, sampler.batch_size)
+    every = rc.trainer.checkpoint_every_steps
+    tokens, window_start = 0, time.perf_counter()
+    bar = progress(range(state.step + 1, max_steps + 1), desc="train", unit="step")
+    if guard.requested:  # a signal while preparing
+        raise Preempted(guard.requested, state.step, save(state.step))
     for step in bar:
         examples = sampler.next()
-        step_sums = defaultdict(float)
-        for micro in examples.split(micro_size):
-            batch = make_batch(run.table, run.train, micro, run.kl_side, needs.mismatched)
-            with autocast():
-                loss_sum, sums = pair_loss(run.policy, batch, run.inputs, step - 1, device)
-            (loss_sum / len(examples)).backward()  # mean over the step's pairs, however it is split
-            for name, value in sums.items():
-                step_sums[name] += value / len(examples)
-            tokens += int(batch.rows.attention_mask.sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        step_sums, step_tokens = _forward_backward(run, examples, rc.trainer, step, device, autocast)
+        tokens += step_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, _max_norm(rc.trainer)))
         step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
+            optimizer.step()
+            _record_step(state, step_sums)
+        else:  # a non-finite loss or gradient never reaches the weights
+            _skip_bad_step(state, step, examples, step_sums, rc.trainer.max_bad_steps)
+        scheduler.step()  # skipped steps keep their place in the schedule
         optimizer.zero_grad(set_to_none=True)
-        step_losses.append(step_sums["loss"])
-        grad_norms.append(grad_norm)
-        for name, value in step_sums.items():
-            totals[name] += value
-        totals["steps"] += 1
         tokens_per_s = tokens / max(time.perf_counter() - window_start, 1e-9)
         bar.set_postfix(
             loss=f"{step_sums['loss']:.4f}",
             acc=f"{step_sums['rewards/accuracies']:.3f}",
             tok_s=f"{tokens_per_s:.0f}",
         )
-        if step % rc.trainer.log_every_steps == 0 or step == rc.trainer.max_steps:
-            train_metrics = {f"train/{k}": v / totals["steps"] for k, v in totals.items() if k != "steps"}
-            train_metrics.update(
-                {"train/tokens_per_s": tokens_per_s, "train/elapsed_s": time.perf_counter() - started}
-            )
-            if device.type == "cuda":
-                train_metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if step % rc.trainer.log_every_steps == 0 or step == max_steps:
+            train_metrics = _window_metrics(state, tokens_per_s, time.perf_counter() - started, device)
             tracker.log(train_metrics, step)
-            log.info("step %d/%d: %s", step, rc.trainer.max_steps, _brief(train_metrics))
-            totals, tokens, window_start = defaultdict(float), 0, time.perf_counter()
-        if step % rc.eval.eval_every_steps == 0 and step != rc.trainer.max_steps:
+            state.last_train = train_metrics
+            log.info("step %d/%d: %s", step, max_steps, brief(train_metrics))
+            tokens, window_start = 0, time.perf_counter()
+        if step % rc.eval.eval_every_steps == 0 and step != max_steps:
             run_eval(step)
+        state.step = step
+        stop = guard.requested  # read once: a signal arriving after this line is seen next step
+        if stop or (every and step % every == 0) or step == max_steps:
+            saved_at = save(step)  # at the end too, so a failure in the final evaluation loses no step
+        if stop:
+            raise Preempted(stop, step, saved_at)
     bar.close()
-    final_eval, final_detail = run_eval(rc.trainer.max_steps)
+    final_eval, final_detail = run_eval(max_steps)
     if rc.eval.generate:
-        final_eval |= _generation_eval(rc, run, run_dir, device, tracker)
+        final_eval |= generation_eval(rc, run, run_dir, device, tracker)
     convergence = run_convergence(
-        rc, run, step_losses, grad_norms, final_eval, final_detail, sampler.batch_size == len(run.train)
+        rc,
+        run,
+        state.step_losses,
+        state.grad_norms,
+        final_eval,
+        final_detail,
+        sampler.batch_size == len(run.train),
     )
     if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
-        from prefopt.models import save_checkpoint
+        from prefopt.models import save_checkpoint as export_model
 
-        save_checkpoint(run.policy, run.tokenizer, run_dir / "checkpoint", rc.model.lora.save_merged)
-    (run_dir / "eval.json").write_text(
-        json.dumps(
-            {
-                "history": history,
-                "final": {**final_eval, **final_detail},
-                "reference": {**reference_eval, **reference_detail},
-                "task": _task_record(run.task),
-            },
-            indent=1,
-        )
-    )
+        export_model(run.policy, run.tokenizer, run_dir / "checkpoint", rc.model.lora.save_merged)
+    evaluation = {
+        "history": state.history,
+        "final": {**final_eval, **final_detail},
+        "reference": {**state.reference_eval, **state.reference_detail},
+        "task": task_record(run.task),
+    }
+    (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=1))
     return {
         "status": "completed",
         "objective": rc.objective_name,
         "seed": rc.seed,
         "final_eval": final_eval,
-        "reference_eval": reference_eval,
-        "final_train": train_metrics,
+        "reference_eval": state.reference_eval,
+        "final_train": state.last_train,
         "convergence": convergence,
         "reference_fit": run.reference_fit,
         "data": run.data_report,
+        "bad_steps": state.bad_steps,
+        "resumed_at": state.resumed_at,
         "runtime_s": round(time.perf_counter() - started, 2),
     }
 
 
-def _generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
-    """eval/generate/* metrics; samples and judgements to generations.jsonl and a W&B table."""
-    from prefopt.evaluation.generation import evaluate_generations, markdown_table, write_samples
+def _trainable(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
 
-    cfg = rc.eval.generation
-    judge = None
-    if cfg.judge == "llm":
-        from omegaconf import OmegaConf
 
-        from prefopt.evaluation.judges import LLMJudge, LLMJudgeConfig
+def _max_norm(trainer) -> float:
+    return trainer.max_grad_norm if trainer.max_grad_norm is not None else float("inf")
 
-        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LLMJudgeConfig), cfg.llm))
-        judge = LLMJudge(options, run_dir / "judge_cache")
-    metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
-    rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
-    (run_dir / "generation_eval.md").write_text(markdown_table(metrics, len(rows)))
-    tracker.log(metrics, rc.trainer.max_steps)
-    tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
+
+def _forward_backward(run, examples, trainer, step: int, device, autocast) -> tuple[dict, int]:
+    """Loss and gradients of one optimizer step's pairs, in micro-batches: (mean metrics, real tokens)."""
+    from collections import defaultdict
+
+    from prefopt.data.batching import make_batch
+    from prefopt.training.step import pair_loss
+
+    needs = run.inputs.hparams.requirements()
+    micro_size = trainer.micro_batch_size or trainer.batch_size
+    step_sums, tokens = defaultdict(float), 0
+    for micro in examples.split(micro_size):
+        batch = make_batch(run.table, run.train, micro, run.kl_side, needs.mismatched)
+        with autocast():
+            loss_sum, sums = pair_loss(run.policy, batch, run.inputs, step - 1, device)
+        (loss_sum / len(examples)).backward()  # mean over the step's pairs, however it is split
+        for name, value in sums.items():
+            step_sums[name] += value / len(examples)
+        tokens += int(batch.rows.attention_mask.sum())
+    return step_sums, tokens
+
+
+def _record_step(state: LoopState, step_sums: dict) -> None:
+    state.step_losses.append(step_sums["loss"])
+    state.grad_norms.append(step_sums["grad_norm"])
+    for name, value in step_sums.items():
+        state.window[name] = state.window.get(name, 0.0) + value
+    state.window_steps += 1
+    state.consecutive_bad = 0
+
+
+def _skip_bad_step(state: LoopState, step: int, examples, step_sums: dict, max_bad_steps: int) -> None:
+    pairs = examples.tolist()
+    loss, grad_norm = step_sums["loss"], step_sums["grad_norm"]
+    state.bad_steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "pairs": pairs})
+    state.consecutive_bad += 1
+    log.warning(
+        "step %d: non-finite loss (%s) or gradient norm (%s): optimizer step skipped (%d in a row); "
+        "train pairs %s",
+        step,
+        loss,
+        grad_norm,
+        state.consecutive_bad,
+        pairs,
+    )
+    if state.consecutive_bad >= max_bad_steps:
+        raise NonFiniteTraining(
+            f"trainer.max_bad_steps={max_bad_steps}: {state.consecutive_bad} steps in a row (the last, "
+            f"step {step}) had a non-finite loss or gradient; last train pairs {pairs[:8]}. Lower "
+            "trainer.lr, keep trainer.max_grad_norm set, or check those pairs"
+        )
+
+
+def _window_metrics(state: LoopState, tokens_per_s: float, elapsed_s: float, device) -> dict:
+    """train/* means over the finite steps since the last log; resets the window."""
+    import torch
+
+    count = max(state.window_steps, 1)
+    metrics = {f"train/{k}": v / count for k, v in state.window.items()}
+    metrics |= {"train/tokens_per_s": tokens_per_s, "train/elapsed_s": elapsed_s}
+    metrics["train/bad_steps"] = len(state.bad_steps)
+    if device.type == "cuda":
+        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    state.window, state.window_steps = {}, 0
     return metrics
 
 
-def _task_record(task) -> dict | None:
-    """The ground truth the run was measured against, so reports need not rebuild a drawn task."""
-    if task is None:
+def _digest(tensor) -> str | None:
+    if tensor is None:
         return None
-    return {
-        "prompts": task.prompts,
-        "candidates": task.candidates,
-        "pi_star": task.pi_star.tolist(),
-        "pi_ref": task.pi_ref.tolist(),
-        "good": task.good.tolist(),
-    }
-
-
-BRIEF = ["loss", "rewards/accuracies", "rewards/margins", "win_rate", "kl_star", "outside_mass", "grad_norm"]
-BRIEF += ["lr", "tokens_per_s"]
-
-
-def _brief(metrics: dict) -> str:
-    """The telling part of a metrics dict for one log line (the rest is in metrics.jsonl and eval.json)."""
-    values = {k.split("/", 1)[1]: v for k, v in metrics.items() if "/" in k}
-    return ", ".join(f"{k}={values[k]:.4g}" for k in BRIEF if k in values)
-
-
-def _log_closing_summary(rc: RunConfig, summary: dict, run_dir: Path) -> None:
-    start, final = summary["reference_eval"], summary["final_eval"]
-    lines = [f"finished {_run_name(rc)} in {summary['runtime_s']:.0f} s; run dir: {run_dir}"]
-    lines.append(f"  {'':24} {'reference':>10} {'final':>10}")
-    for label, key in CLOSING_ROWS.items():
-        if key in final:
-            before = f"{start[key]:.4g}" if key in start else "-"
-            lines.append(f"  {label:24} {before:>10} {final[key]:>10.4g}")
-    convergence = summary["convergence"]
-    verdict = {True: "yes", False: "no", None: "not judged"}[convergence["converged"]]
-    lines.append(f"  converged: {verdict}" + "".join(f"; {r}" for r in convergence["reasons"]))
-    if convergence["tv_to_minimizer"] is not None:
-        lines.append(f"  TV to the minimizer of its own training pairs: {convergence['tv_to_minimizer']:.4f}")
-    log.info("\n".join(lines))
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _configure_torch(rc: RunConfig):
@@ -302,14 +376,15 @@ def _autocast(precision: str, device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _run_name(rc: RunConfig) -> str:
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its own overrides, its run dir, trainer.resume=auto."""
     try:
-        overrides = [
-            o for o in hydra.core.hydra_config.HydraConfig.get().overrides.task if not o.startswith("hydra")
-        ]
-    except ValueError:
-        overrides = []
-    return " ".join([rc.objective_name, *overrides])
+        task = hydra.core.hydra_config.HydraConfig.get().overrides.task
+    except ValueError:  # called without Hydra (a test, `prefopt evaluate`)
+        task = []
+    kept = [o for o in task if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
+    words = ["prefopt", "train", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _sweep_group() -> str | None:
@@ -340,14 +415,18 @@ def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         rc = load_run_config(cfg)  # fails fast, before any model is built
-        check_run_dir_free(run_dir)
-    except (ConfigError, RunDirInUse) as error:
-        print(f"prefopt: config error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: every interpolation filled in
-    try:
         with logging_redirect_tqdm():  # log lines print above the progress bars
             return train(rc, run_dir, _sweep_group())
+    except (ConfigError, RunDirInUse) as error:  # raised before anything loads
+        print(f"prefopt: config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Preempted as stop:
+        print(
+            f"prefopt: stopped by {stop.signal_name} after step {stop.step}; checkpoint {stop.checkpoint}\n"
+            f"resume with: {resume_command(run_dir)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(stop.exit_code) from None
     except KeyboardInterrupt:
         print(f"prefopt: interrupted; summary.json in {run_dir} says so", file=sys.stderr)
         raise SystemExit(130) from None

@@ -1,0 +1,274 @@
+"""Training-state checkpoints: everything a killed run needs to continue bit for bit.
+
+    <run dir>/checkpoints/step-000120/
+        state/                 torch.distributed.checkpoint in safetensors: the trainable weights (only the
+                               adapter under LoRA), the value head, the optimizer's tensors, torch RNG
+                               states, the sampler's generator and queue
+        trainer_state.json     step, scheduler, optimizer hyperparameters, Python and NumPy RNG states, the
+                               loop's running records, the resolved config, the W&B run id, file sizes
+
+The tensors go through `torch.distributed.checkpoint` with its Hugging Face (safetensors) storage, which
+reads and writes the same way in one process and in a sharded FSDP2 job: nothing is pickled, nothing is
+unpickled. A checkpoint is written into a temporary directory, fsynced and renamed, so a kill leaves
+either the whole checkpoint or none; `trainer_state.json` records every file's size, so a truncated one is
+seen before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not fit the run."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights (a LoRA base model) come back from the model's own path, not from the checkpoint
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+
+
+def _split(optimizer_state: dict) -> tuple[dict, dict]:
+    """Flattened optimizer state -> (tensors for safetensors, plain values for JSON)."""
+    tensors = {k: v for k, v in optimizer_state.items() if torch.is_tensor(v)}
+    values = {k: v for k, v in optimizer_state.items() if not torch.is_tensor(v)}
+    return tensors, values
+
+
+def _dcp(save: bool, tensors: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        if save:
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(path)))
+        else:
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: nn.ModuleDict,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    sampler,
+    record: dict,
+    keep_last: int,
+) -> Path:
+    """Write step `step` atomically; keep the newest `keep_last`. `record` is JSON: the loop's running
+    state, the config, the W&B id. Refuses a model with a non-finite weight."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from prefopt.training.seeding import rng_state
+
+    bad = [name for name, p in modules.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"not checkpointing step {step}: non-finite weights in {bad[:3]}")
+    model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
+    optimizer_tensors, optimizer_values = _split(optimizer_state)
+    torch_rng, python_rng = rng_state()
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors |= {f"optimizer.{k}": v for k, v in optimizer_tensors.items()}
+    tensors |= {f"rng.{k}": v for k, v in torch_rng.items()}
+    sampler_state = sampler.state_dict()
+    tensors |= {"sampler.generator": sampler_state["generator"], "sampler.queue": sampler_state["queue"]}
+    aliases = _aliases(tensors)  # tied weights (embeddings and lm_head) are stored once
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items() if k not in aliases}
+
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "state").mkdir(parents=True)
+    _dcp(True, tensors, staging / "state")
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "tensor_keys": sorted(tensors),
+        "aliases": aliases,
+        "optimizer_values": optimizer_values,
+        "scheduler": scheduler.state_dict(),
+        "rng": python_rng,
+        **record,
+    }
+    (staging / STATE_FILE).write_text(json.dumps(state))
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STATE_FILE)
+    state["files"] = {str(p.relative_to(staging)): p.stat().st_size for p in files}
+    (staging / STATE_FILE).write_text(json.dumps(state))
+    for path in [*files, staging / STATE_FILE, staging / "state", staging]:
+        _fsync(path)
+    if final.exists():  # the same step written again (a resumed run's last step): replace it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    _prune(run_dir, keep_last)
+    log.info("checkpoint: step %d -> %s", step, final)
+    return final
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    for old in _step_dirs(run_dir)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """Checkpoint dirs, newest first (staging dirs start with a dot and are never listed)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(root.glob("step-[0-9]*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def read_state(path: Path) -> dict:
+    """trainer_state.json of an intact checkpoint; CheckpointError naming what is wrong otherwise."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: no {STATE_FILE} (not a checkpoint, or its write never finished)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{state_file}: unreadable ({error})") from None
+    if state.get("format_version") != FORMAT_VERSION or "files" not in state:
+        raise CheckpointError(f"{state_file}: not a prefopt checkpoint of format {FORMAT_VERSION}")
+    for name, size in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {size} bytes)")
+    return state
+
+
+def find_checkpoint(target: str, run_dir: Path) -> Path | None:
+    """`trainer.resume`: `auto` is the newest intact checkpoint in the run dir (None when there is none;
+    a damaged newer one is skipped with a warning); a path is that checkpoint, or the newest intact one of
+    that run dir."""
+    if target != "auto":
+        path = Path(target).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"trainer.resume={target}: no such file or directory")
+        if (path / STATE_FILE).exists() or path.name.startswith("step-"):
+            read_state(path)
+            return path
+        run_dir = path
+    damaged = []
+    for candidate in _step_dirs(run_dir):
+        try:
+            read_state(candidate)
+        except CheckpointError as error:
+            damaged.append(str(error))
+            continue
+        if damaged:
+            log.warning("skipping damaged checkpoints (%s); resuming from %s", "; ".join(damaged), candidate)
+        return candidate
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {run_dir / CHECKPOINTS}: {'; '.join(damaged)}")
+    if target != "auto":
+        raise CheckpointError(f"trainer.resume={target}: no checkpoint in {run_dir / CHECKPOINTS}")
+    return None
+
+
+def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sampler) -> dict:
+    """Restore weights, optimizer, scheduler, sampler and RNG states from `path`; returns its state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from prefopt.training.seeding import set_rng_state
+
+    state = read_state(path)
+    model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
+    optimizer_tensors, _ = _split(optimizer_state)
+    templates = {f"model.{k}": v for k, v in model_state.items()}
+    templates |= {f"optimizer.{k}": v for k, v in optimizer_tensors.items()}
+    expected = set(templates) - set(state["aliases"])
+    saved = {k for k in state["tensor_keys"] if k.split(".")[0] != "rng"}
+    saved -= {"sampler.generator", "sampler.queue"}
+    if expected != saved:
+        missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+        raise CheckpointError(
+            f"{path}: holds other weights than this run's (missing {missing}, extra {extra})"
+        )
+    tensors = {k: torch.empty_like(v) for k, v in templates.items() if k in expected}
+    try:
+        _dcp(False, tensors, path / "state")
+        tensors |= _saved_tensors(path, {k for k in state["tensor_keys"] if k not in tensors})
+    except Exception as error:  # a damaged file that kept its size
+        raise CheckpointError(f"{path}: cannot read its tensors ({type(error).__name__}: {error})") from None
+    tensors |= {alias: tensors[kept] for alias, kept in state["aliases"].items()}
+    model_part = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer_part = {
+        k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")
+    }
+    optimizer_part |= {k: _as_saved(k, v) for k, v in state["optimizer_values"].items()}
+    set_state_dict(
+        modules,
+        optimizer,
+        model_state_dict=model_part,
+        optim_state_dict=optimizer_part,
+        options=_state_dict_options(),
+    )
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict({"generator": tensors["sampler.generator"], "queue": tensors["sampler.queue"]})
+    set_rng_state(
+        {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"]
+    )
+    return state
+
+
+def _aliases(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """key -> the first key holding the very same tensor (same memory, shape and strides)."""
+    first, aliases = {}, {}
+    for key, value in tensors.items():
+        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's own shard
+        identity = (local.data_ptr(), tuple(local.shape), local.stride(), local.dtype)
+        if local.numel() and identity in first:
+            aliases[key] = first[identity]
+        else:
+            first.setdefault(identity, key)
+    return aliases
+
+
+def _as_saved(key: str, value):
+    """JSON turned tuples (AdamW's betas) into lists; the optimizer wants them back as they were."""
+    return tuple(value) if key.endswith(".betas") and isinstance(value, list) else value
+
+
+def _saved_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The small unsharded tensors (RNG and sampler states), read from the safetensors files directly."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted((path / "state").glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            found |= {key: handle.get_tensor(key) for key in keys & set(handle.keys())}
+    if keys - set(found):
+        raise CheckpointError(f"{path}: {sorted(keys - set(found))[:3]} missing")
+    return found
