@@ -106,7 +106,7 @@ def model_fingerprint(reference) -> str:
             continue
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
     config = {
         k: v
         for k, v in module.config.to_dict().items()
