@@ -292,3 +292,35 @@ def test_wandb_failing_to_start_or_crashing_mid_run_never_stops_training(tmp_pat
     assert summary["status"] == "completed"
     assert "W&B is off for the rest of the run" in caplog.text
     assert [step for step, _ in losses(tmp_path / "crash")] == list(range(1, 11))  # metrics.jsonl whole
+
+
+def test_a_lora_checkpoint_holds_only_the_adapter_and_resumes_exactly(tmp_path):
+    """3 steps, then resumed to 6 (a constant schedule, so the first 3 are the same steps): the same
+    losses as 6 steps in one go; the checkpoint's weights are the adapter's alone."""
+    from conftest import save_tiny_llama
+    from test_acceptance_data import fixture
+    from test_tokenization import bos_tokenizer
+
+    from prefopt.training.checkpoint import read_state
+    from prefopt.training.train import train
+
+    model = save_tiny_llama(tmp_path / "model", bos_tokenizer())
+    common = [*fixture("preference", tmp_path / "data"), "dataset=preference", "model=pretrained"]
+    common += [f"model.name_or_path={model}", "model.lora.r=4", "logger=none", "trainer.batch_size=8"]
+    common += ["trainer.lr_schedule=constant_with_warmup", "trainer.log_every_steps=1"]
+    common += ["trainer.checkpoint_every_steps=3", "eval.eval_every_steps=100"]
+
+    def run(run_dir: Path, *overrides: str) -> dict:
+        run_dir.mkdir(exist_ok=True)
+        return train(load_run_config(compose_config(*common, *overrides)), run_dir)
+
+    run(tmp_path / "whole", "trainer.max_steps=6")
+    run(tmp_path / "parts", "trainer.max_steps=3")
+    (tmp_path / "parts" / "summary.json").unlink()
+    resumed = run(tmp_path / "parts", "trainer.max_steps=6", "trainer.resume=auto")
+    assert resumed["resumed_at"] == [3]
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    weights = [
+        k for k in read_state(checkpoint_dir(tmp_path / "whole", 6))["tensor_keys"] if k.startswith("model.")
+    ]
+    assert weights and all("lora_" in k for k in weights)

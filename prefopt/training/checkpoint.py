@@ -40,11 +40,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:06d}"
 
 
-def _state_dict_options():
+def _state_dict_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # frozen weights (a LoRA base model) come back from the model's own path, not from the checkpoint
-    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+    # frozen weights (a LoRA base model) come back from the model's own path, not from the checkpoint;
+    # loading is not strict about them (`load_checkpoint` checks the trainable keys itself)
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=strict)
 
 
 def _split(optimizer_state: dict) -> tuple[dict, dict]:
@@ -233,7 +234,7 @@ def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sa
         optimizer,
         model_state_dict=model_part,
         optim_state_dict=optimizer_part,
-        options=_state_dict_options(),
+        options=_state_dict_options(strict=False),
     )
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict({"generator": tensors["sampler.generator"], "queue": tensors["sampler.queue"]})
