@@ -18,20 +18,27 @@ import shlex
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
+from prefopt.training.loop_state import (
+    LoopState,
+    NonFiniteTraining,
+    record_step,
+    skip_bad_step,
+    window_metrics,
+)
 from prefopt.training.preemption import Preempted, PreemptionGuard
 from prefopt.training.resume import RunDirInUse, plan_resume
 from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-__all__ = ["RunDirInUse", "main", "train"]
+__all__ = ["NonFiniteTraining", "RunDirInUse", "main", "train"]
 
 
 def _adamw(groups, cfg):
@@ -47,28 +54,6 @@ def _rmsprop(groups, cfg):
 
 
 OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (param groups, cfg) -> optimizer
-
-
-class NonFiniteTraining(FloatingPointError):
-    """`trainer.max_bad_steps` consecutive steps had a non-finite loss or gradient."""
-
-
-@dataclass
-class LoopState:
-    """What the loop accumulates, checkpointed as JSON so a resumed run continues every record."""
-
-    step: int = 0  # optimizer steps taken (skipped bad steps count: they consumed their batch)
-    history: list = field(default_factory=list)  # every evaluation, with its per-prompt detail
-    step_losses: list = field(default_factory=list)  # per finite step, for the convergence report
-    grad_norms: list = field(default_factory=list)
-    window: dict = field(default_factory=dict)  # train metric sums since the last train log
-    window_steps: int = 0
-    bad_steps: list = field(default_factory=list)  # {step, loss, grad_norm, pairs} of each skipped step
-    consecutive_bad: int = 0
-    reference_eval: dict = field(default_factory=dict)
-    reference_detail: dict = field(default_factory=dict)
-    resumed_at: list = field(default_factory=list)  # steps a resumed run continued from
-    last_train: dict = field(default_factory=dict)  # the last train/* record logged
 
 
 def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
@@ -208,9 +193,9 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
         if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
             optimizer.step()
-            _record_step(state, step_sums)
+            record_step(state, step_sums)
         else:  # a non-finite loss or gradient never reaches the weights
-            _skip_bad_step(state, step, examples, step_sums, rc.trainer.max_bad_steps)
+            skip_bad_step(state, step, examples, step_sums, rc.trainer.max_bad_steps)
         scheduler.step()  # skipped steps keep their place in the schedule
         optimizer.zero_grad(set_to_none=True)
         tokens_per_s = tokens / max(time.perf_counter() - window_start, 1e-9)
@@ -220,7 +205,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
             tok_s=f"{tokens_per_s:.0f}",
         )
         if step % rc.trainer.log_every_steps == 0 or step == max_steps:
-            train_metrics = _window_metrics(state, tokens_per_s, time.perf_counter() - started, device)
+            train_metrics = window_metrics(state, tokens_per_s, time.perf_counter() - started, device)
             tracker.log(train_metrics, step)
             state.last_train = train_metrics
             log.info("step %d/%d: %s", step, max_steps, brief(train_metrics))
@@ -300,51 +285,6 @@ def _forward_backward(run, examples, trainer, step: int, device, autocast) -> tu
             step_sums[name] += value / len(examples)
         tokens += int(batch.rows.attention_mask.sum())
     return step_sums, tokens
-
-
-def _record_step(state: LoopState, step_sums: dict) -> None:
-    state.step_losses.append(step_sums["loss"])
-    state.grad_norms.append(step_sums["grad_norm"])
-    for name, value in step_sums.items():
-        state.window[name] = state.window.get(name, 0.0) + value
-    state.window_steps += 1
-    state.consecutive_bad = 0
-
-
-def _skip_bad_step(state: LoopState, step: int, examples, step_sums: dict, max_bad_steps: int) -> None:
-    pairs = examples.tolist()
-    loss, grad_norm = step_sums["loss"], step_sums["grad_norm"]
-    state.bad_steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "pairs": pairs})
-    state.consecutive_bad += 1
-    log.warning(
-        "step %d: non-finite loss (%s) or gradient norm (%s): optimizer step skipped (%d in a row); "
-        "train pairs %s",
-        step,
-        loss,
-        grad_norm,
-        state.consecutive_bad,
-        pairs,
-    )
-    if state.consecutive_bad >= max_bad_steps:
-        raise NonFiniteTraining(
-            f"trainer.max_bad_steps={max_bad_steps}: {state.consecutive_bad} steps in a row (the last, "
-            f"step {step}) had a non-finite loss or gradient; last train pairs {pairs[:8]}. Lower "
-            "trainer.lr, keep trainer.max_grad_norm set, or check those pairs"
-        )
-
-
-def _window_metrics(state: LoopState, tokens_per_s: float, elapsed_s: float, device) -> dict:
-    """train/* means over the finite steps since the last log; resets the window."""
-    import torch
-
-    count = max(state.window_steps, 1)
-    metrics = {f"train/{k}": v / count for k, v in state.window.items()}
-    metrics |= {"train/tokens_per_s": tokens_per_s, "train/elapsed_s": elapsed_s}
-    metrics["train/bad_steps"] = len(state.bad_steps)
-    if device.type == "cuda":
-        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    state.window, state.window_steps = {}, 0
-    return metrics
 
 
 def _digest(tensor) -> str | None:
