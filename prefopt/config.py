@@ -73,6 +73,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
     logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    packing: bool | str = "auto"  # auto (pack where the model keeps sequences apart, else pad) | true | false
+    pack_tokens: int | None = None  # tokens per packed row; None: the micro-batch's longest sequence
     reference_cache: bool = True  # reuse reference log-probs across runs (same weights, tokenizer, tokens)
     log_every_steps: int = 10
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
@@ -287,6 +289,8 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "lr": trainer.lr > 0,
         "precision": trainer.precision in {"auto", "fp32", "bf16"},
         "logps_chunk_tokens": trainer.logps_chunk_tokens >= 1,
+        "packing": trainer.packing in (True, False) or trainer.packing == "auto",
+        "pack_tokens": trainer.pack_tokens is None or trainer.pack_tokens >= 1,
         "log_every_steps": trainer.log_every_steps >= 1,
         "num_threads": trainer.num_threads >= 1,
         "epochs": trainer.epochs is None or trainer.epochs > 0,
@@ -298,4 +302,6 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "max_bad_steps": trainer.max_bad_steps >= 1,
         "preemption_signals": all(name in _SIGNALS for name in trainer.preemption_signals),
     }
-    _check("trainer", trainer, checks, {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"})
+    expected = {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"}
+    expected["packing"] = "auto | true | false"
+    _check("trainer", trainer, checks, expected)

@@ -2,37 +2,56 @@
 
     lp(y | x) = sum_{t in response} log pi(y_t | x, y_<t)
 
-The decoder runs once per row; the lm_head and log-softmax run over the response positions only, a chunk
-of `chunk_tokens` positions at a time, recomputed in backward (activation checkpointing), so memory holds
-one (chunk, V) block instead of (R, T, V). Models with extra logit transforms (soft-capping, scaling) need
-them added in `_chunk_logits`.
+The decoder runs once per row, over padded rows (one sequence each) or packed rows (several, positions
+restarting per sequence: `prefopt.data.packing`); `Packing` picks the layout per model. The lm_head and
+log-softmax run over the response positions only: through Liger's fused linear + cross-entropy kernel when
+it is installed and the hidden states are on CUDA, else a chunk of `chunk_tokens` positions at a time,
+recomputed in backward (activation checkpointing), so memory holds one (chunk, V) block instead of
+(R, T, V). Models with extra logit transforms (soft-capping, scaling) need them added in `_chunk_logits`
+(and get no fused kernel).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.data.batching import PaddedSequences
+from prefopt.data.packing import PackedSequences, pack
+
+log = logging.getLogger(__name__)
+Rows = PaddedSequences | PackedSequences
 
 
-def hidden_states(model, rows: PaddedSequences) -> Tensor:
-    """Final decoder hidden states (R, T, D), final norm included; the lm_head is applied later, per chunk.
+def hidden_states(model, rows: Rows) -> Tensor:
+    """Final decoder hidden states (G, T, D) of the rows, final norm included; the lm_head comes later.
 
     The decoder is the model's public `get_decoder()` (LlamaModel, GPT2Model, GPTNeoXModel, ...), which a
     peft `PeftModel` reaches with its adapters in place; `model.base_model` would be peft's LoRA wrapper.
-    A frozen `AdapterDisabledReference` answers with the same decoder, adapters off."""
+    A frozen `AdapterDisabledReference` answers with the same decoder, adapters off. Padded rows pass an
+    attention mask; packed rows pass position ids and no mask (see `prefopt.data.packing`)."""
     decoder = model.get_decoder()
-    output = decoder(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
-    return output.last_hidden_state
+    return decoder(**rows.decoder_inputs(), use_cache=False).last_hidden_state
 
 
-def _predicting_positions(rows: PaddedSequences) -> tuple[Tensor, Tensor, Tensor]:
-    """(row, position, target) for every response token: position t predicts token t+1."""
-    row, column = rows.response_mask[:, 1:].nonzero(as_tuple=True)
-    return row, column, rows.input_ids[row, column + 1]
+def scored_positions(rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sequence, row, column, target) (N,) for every response token, sequence by sequence in order:
+    position `column` of `row` predicts `target`. The same order in any layout."""
+    counts = rows.response_tokens  # (R,)
+    sequence = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # (N,)
+    offset = torch.arange(len(sequence), device=counts.device) - (counts.cumsum(0) - counts)[sequence]
+    row = rows.sequence_row[sequence]
+    column = rows.sequence_start[sequence] + rows.prompt_lengths[sequence] - 1 + offset
+    return sequence, row, column, rows.input_ids[row, column + 1]
 
 
 def _chunk_logits(lm_head, hidden: Tensor) -> Tensor:
@@ -54,13 +73,18 @@ def _chunked(fn, chunk_tokens: int, *tensors: Tensor) -> Tensor:
     return torch.cat(pieces) if pieces else tensors[0].new_zeros(0)
 
 
-def sequence_logps(lm_head, hidden: Tensor, rows: PaddedSequences, chunk_tokens: int = 2048) -> Tensor:
-    """Summed response log-probs per row (R,), fp32."""
-    row, column, targets = _predicting_positions(rows)
-    token_logps = _chunked(
-        lambda h, t: _chunk_logps(lm_head, h, t), chunk_tokens, hidden[row, column], targets
-    )
-    return torch.zeros(len(rows.input_ids), device=hidden.device).index_add(0, row, token_logps)
+def token_logps(lm_head, hidden: Tensor, targets: Tensor, chunk_tokens: int = 2048) -> Tensor:
+    """log pi(target | h) (n,) fp32 for hidden states (n, D): fused when `fused_kernel_applies`."""
+    if fused_kernel_applies(lm_head, hidden):
+        return fused_token_logps(lm_head, hidden, targets)
+    return _chunked(lambda h, t: _chunk_logps(lm_head, h, t), chunk_tokens, hidden, targets)
+
+
+def sequence_logps(lm_head, hidden: Tensor, rows: Rows, chunk_tokens: int = 2048) -> Tensor:
+    """Summed response log-probs per sequence (R,), fp32, from the rows' hidden states (G, T, D)."""
+    sequence, row, column, targets = scored_positions(rows)
+    logps = token_logps(lm_head, hidden[row, column], targets, chunk_tokens)  # (N,)
+    return torch.zeros(rows.num_sequences, device=hidden.device).index_add(0, sequence, logps)
 
 
 def token_kl(
@@ -68,12 +92,15 @@ def token_kl(
     policy_hidden: Tensor,
     reference_head,
     reference_hidden: Tensor,
-    rows: PaddedSequences,
+    rows: Rows,
     chunk_tokens: int = 2048,
+    reference_rows: Rows | None = None,
 ) -> Tensor:
-    """Per row (R,): sum over response positions t of KL(pi_ref(.|x, y_<t) || pi_theta(.|x, y_<t)),
-    full vocabulary, in chunks. Differentiable in the policy hidden states."""
-    row, column, _ = _predicting_positions(rows)
+    """Per sequence (R,): sum over response positions t of KL(pi_ref(.|x, y_<t) || pi_theta(.|x, y_<t)),
+    full vocabulary, in chunks. Differentiable in the policy hidden states. `reference_rows`: the
+    reference's layout of the same sequences when it differs from the policy's `rows`."""
+    sequence, row, column, _ = scored_positions(rows)
+    _, reference_row, reference_column, _ = scored_positions(reference_rows or rows)
 
     def chunk_kl(policy_h: Tensor, reference_h: Tensor) -> Tensor:
         policy_logp = _chunk_logits(policy_head, policy_h).log_softmax(-1)
@@ -81,10 +108,157 @@ def token_kl(
             reference_logp = _chunk_logits(reference_head, reference_h).log_softmax(-1)
         return F.kl_div(policy_logp, reference_logp, log_target=True, reduction="none").sum(-1)
 
-    kl = _chunked(chunk_kl, chunk_tokens, policy_hidden[row, column], reference_hidden[row, column].detach())
-    return torch.zeros(len(rows.input_ids), device=policy_hidden.device).index_add(0, row, kl)
+    reference_h = reference_hidden[reference_row, reference_column].detach()
+    kl = _chunked(chunk_kl, chunk_tokens, policy_hidden[row, column], reference_h)
+    return torch.zeros(rows.num_sequences, device=policy_hidden.device).index_add(0, sequence, kl)
 
 
-def model_logps(model, rows: PaddedSequences, chunk_tokens: int = 2048) -> Tensor:
-    """Convenience: decoder pass plus chunked log-probs, (R,)."""
+def model_logps(model, rows: Rows, chunk_tokens: int = 2048, packing: Packing | None = None) -> Tensor:
+    """Convenience: decoder pass plus chunked log-probs, (R,); padded `rows` are packed by `packing`."""
+    if packing is not None and isinstance(rows, PaddedSequences):
+        rows = packing.arrange(rows, model, rows.input_ids.device)
     return sequence_logps(model.get_output_embeddings(), hidden_states(model, rows), rows, chunk_tokens)
+
+
+# ---- the fused kernel (optional: Liger, CUDA) ---------------------------------------------------------
+
+
+@functools.cache
+def _liger() -> tuple[object, bool] | None:
+    """(Liger's fused linear + cross-entropy, whether its per-token backward is exact) when installed.
+    Versions before the `token_grad_output` fix scale a reduction="none" gradient by one scalar, which is
+    wrong for per-sequence weights: those serve gradient-free passes only."""
+    try:
+        from liger_kernel.ops import fused_linear_cross_entropy as ops
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    exact = "token_grad_output" in inspect.signature(ops.fused_linear_cross_entropy_forward).parameters
+    return liger_fused_linear_cross_entropy, exact
+
+
+def fused_kernel_applies(lm_head, hidden: Tensor) -> bool:
+    """Liger is installed, the hidden states are on CUDA, the head is a plain linear layer (no logit
+    transform), and its backward is exact or no gradient is needed."""
+    kernel = _liger()
+    if kernel is None or not hidden.is_cuda or type(lm_head) is not nn.Linear:
+        return False
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
+    return kernel[1] or not grad
+
+
+def fused_token_logps(lm_head: nn.Linear, hidden: Tensor, targets: Tensor) -> Tensor:
+    """log pi(target | h) (n,) fp32 through Liger's fused linear + cross-entropy: the kernel computes the
+    logits a chunk at a time and never holds all (n, V) of them."""
+    fused, _ = _liger()
+    return -fused(hidden, lm_head.weight, targets, bias=lm_head.bias, reduction="none").float()
+
+
+# ---- packing: which models keep packed sequences apart ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackingSupport:
+    layout: str | None  # "rows": packed rows in a batch; "one_row": a single packed row; None: pad
+    reason: str  # why not, when layout is None
+
+
+_PROBE_FIRST = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5]  # token ids < 8: any vocabulary has them
+_PROBE_OTHER = [7, 6, 5, 4, 3, 2, 1, 7, 6, 5, 4, 3]  # as long as _PROBE_FIRST, other tokens
+_PROBE_LAST = [3, 1, 4]
+_PROBE_ROW = [2, 7, 1, 6, 3, 5, 4, 1, 2, 7, 1, 6, 3, 5, 4]  # a second row, as long as the first
+_SUPPORT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def supports_packing(model, device) -> PackingSupport:
+    """Whether the model's decoder keeps packed sequences apart, probed once per model on a few tokens.
+
+    A row holding a sequence and then `_PROBE_LAST` (positions restarting there), beside a second row,
+    must give `_PROBE_LAST` exactly the same hidden states whatever sequence precedes it (no attention
+    across the boundary), and close to those it has alone (positions restart). Transformers' Llama,
+    Qwen2, Mistral, GPT-2, GPT-NeoX, ... pass (their masks come from the position ids: "rows"); flash
+    attention keeps the boundaries of a single row only ("one_row": its varlen kernel); OPT and Bloom
+    build their masks or positions without the position ids and are padded."""
+    if model not in _SUPPORT:
+        _SUPPORT[model] = _probe(model, torch.device(device))
+        support = _SUPPORT[model]
+        name = type(model).__name__
+        if support.layout is None:
+            log.info("packing off for %s: %s; sequences are padded", name, support.reason)
+        else:
+            log.info("packing on for %s (%s)", name, support.layout.replace("_", " "))
+    return _SUPPORT[model]
+
+
+@torch.no_grad()
+def _probe(model, device: torch.device) -> PackingSupport:
+    decoder = model.get_decoder()
+    with _eval_mode(model), torch.autocast(device_type=device.type, enabled=False):
+        try:
+            ids = torch.tensor([_PROBE_LAST], device=device)
+            alone = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+            for layout in ("rows", "one_row"):
+                after_first = _probe_hidden(decoder, _PROBE_FIRST, layout, device)
+                after_other = _probe_hidden(decoder, _PROBE_OTHER, layout, device)
+                scale = alone.abs().max()
+                if (after_first - after_other).abs().max() > 1e-6 * scale:
+                    continue  # the previous sequence leaks in
+                tolerance = 1e-3 if alone.dtype == torch.float32 else 5e-2
+                if (after_first - alone).abs().max() > tolerance * scale:
+                    return PackingSupport(None, "its positions do not restart at a packed sequence")
+                return PackingSupport(layout, "")
+        except (TypeError, ValueError, RuntimeError) as error:  # e.g. no position_ids argument
+            return PackingSupport(None, f"its decoder refuses packed rows ({type(error).__name__}: {error})")
+    return PackingSupport(None, "a packed sequence attends to the sequence before it")
+
+
+def _probe_hidden(decoder, first: list[int], layout: str, device) -> Tensor:
+    """Hidden states of `_PROBE_LAST` packed after `first`, in a batch of two rows or as one row."""
+    ids = torch.tensor([first + _PROBE_LAST, _PROBE_ROW], device=device)  # (2, T)
+    positions = [list(range(len(first))) + list(range(len(_PROBE_LAST))), list(range(len(_PROBE_ROW)))]
+    positions = torch.tensor(positions, device=device)
+    if layout == "one_row":
+        ids, positions = ids.view(1, -1), positions.view(1, -1)
+    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    return hidden.reshape(2, ids.numel() // 2, -1)[0, len(first) :].float()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """No dropout during the probe; each module's own mode restored after."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in zip(modules, modes):
+            module.training = training
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a batch's sequences become the decoder's rows (`trainer.packing`, `trainer.pack_tokens`)."""
+
+    mode: bool | str = "auto"  # auto: pack when `supports_packing` says so, else pad | True | False
+    pack_tokens: int | None = None  # tokens per packed row; None: the longest sequence of the batch
+
+    def packs(self, model, device) -> bool:
+        return self.mode is not False and self._support(model, device).layout is not None
+
+    def arrange(self, rows: PaddedSequences, model, device) -> Rows:
+        """`rows` as `model` reads them best: packed when it can be, else as they are (padded)."""
+        if self.mode is False:
+            return rows
+        support = self._support(model, device)
+        if support.layout is None:
+            return rows
+        one_row = support.layout == "one_row"  # one row holds the batch: attention never spans rows
+        return pack(rows, int(rows.attention_mask.sum()) if one_row else self.pack_tokens)
+
+    def _support(self, model, device) -> PackingSupport:
+        support = supports_packing(model, device)
+        if support.layout is None and self.mode is True:
+            raise ValueError(f"trainer.packing=true: {type(model).__name__} cannot pack: {support.reason}")
+        return support

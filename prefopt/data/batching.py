@@ -141,6 +141,11 @@ class SequenceTable:
         responses = [self.response_texts[self.sequence_response[s]] for s in sequence_ids]
         return prompts, responses
 
+    def lengths(self) -> Tensor:
+        """(S,) prompt + response tokens of every sequence."""
+        pairs = zip(self.sequence_prompt, self.sequence_response)
+        return torch.tensor([len(self.prompt_ids[p]) + len(self.response_ids[r]) for p, r in pairs])
+
     def pad(self, sequence_ids: Tensor) -> PaddedSequences:
         """Right-padded prompt+response rows; response_mask marks the response tokens."""
         prompts = [self.prompt_ids[self.sequence_prompt[s]] for s in sequence_ids.tolist()]
@@ -159,6 +164,9 @@ class SequenceTable:
 
 @dataclass
 class PaddedSequences:
+    """One sequence per row, right-padded. `prefopt.data.packing.PackedSequences` has the same interface
+    (per-sequence fields, each sequence's row and start, the decoder's inputs) with several per row."""
+
     input_ids: Tensor  # (R, T)
     attention_mask: Tensor  # (R, T) 1 on real tokens
     response_mask: Tensor  # (R, T) True on response tokens (the ones whose log-probs are summed)
@@ -171,6 +179,21 @@ class PaddedSequences:
     @property
     def response_tokens(self) -> Tensor:  # (R,)
         return self.response_mask.sum(-1)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def sequence_row(self) -> Tensor:  # (R,) sequence i is row i
+        return torch.arange(len(self.input_ids), device=self.input_ids.device)
+
+    @property
+    def sequence_start(self) -> Tensor:  # (R,) every sequence starts its row
+        return torch.zeros(len(self.input_ids), dtype=torch.long, device=self.input_ids.device)
+
+    def decoder_inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
 @dataclass

@@ -54,7 +54,8 @@ def candidate_logps(run: PreparedRun, device, autocast) -> torch.Tensor:
     """(P, K) the policy's sequence log-probs of every prompt's candidates."""
     ids = run.candidates.flatten()
     with autocast():
-        logps = model_logps(run.policy, run.table.pad(ids).to(device), run.inputs.chunk_tokens)
+        rows = run.table.pad(ids).to(device)
+        logps = model_logps(run.policy, rows, run.inputs.chunk_tokens, run.inputs.packing)
     return logps.float().view(run.candidates.shape)
 
 

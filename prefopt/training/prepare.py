@@ -14,10 +14,11 @@ from torch import Tensor
 from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
+from prefopt.data.packing import length_sorted_passes
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.data.tokenization import render_prompt
-from prefopt.logps import model_logps
+from prefopt.logps import Packing, model_logps
 from prefopt.models import MODELS, count_parameters, load_reference
 from prefopt.models.value_head import ValueHead
 from prefopt.objectives import OBJECTIVES
@@ -94,15 +95,16 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     elif kl_estimator == "samples":
         kl_side = _reference_samples(reference, table, rc.objective.kl_samples_per_prompt, rc.seed, device)
 
-    chunk = rc.trainer.logps_chunk_tokens
+    chunk, packing = rc.trainer.logps_chunk_tokens, Packing(rc.trainer.packing, rc.trainer.pack_tokens)
     reference_logps, reference_cache = cached_reference_logps(
         reference,
         table,
-        lambda: _all_sequence_logps(reference, table, chunk, device),
+        lambda: _all_sequence_logps(reference, table, chunk, device, packing),
         device,
         enabled=rc.trainer.reference_cache,
         chunk_tokens=chunk,
         precision=rc.trainer.precision,
+        packing=[packing.mode, packing.pack_tokens],
     )
     if kl_estimator != "token" and not rc.eval.generate:  # nothing reads the model after this pass
         reference = None
@@ -132,6 +134,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         kl_estimator=kl_estimator,
         chunk_tokens=chunk,
         aux_components=aux_components,
+        packing=packing,
     )
     return PreparedRun(
         policy=policy,
@@ -302,12 +305,21 @@ def _reference(rc: RunConfig, policy, device):
 
 @torch.no_grad()
 def _all_sequence_logps(
-    model, table: SequenceTable, chunk_tokens: int, device, rows_per_pass: int = 256
+    model,
+    table: SequenceTable,
+    chunk_tokens: int,
+    device,
+    packing: Packing | None = None,
+    rows_per_pass: int = 256,
 ) -> Tensor:
-    ids = torch.arange(len(table))
-    passes = progress(ids.split(rows_per_pass), desc="reference log-probs", unit="batch")
-    parts = [model_logps(model, table.pad(part).to(device), chunk_tokens) for part in passes]
-    return torch.cat(parts).float()
+    """(S,) every table sequence's log-prob: longest first, each pass at most `rows_per_pass` rows of the
+    longest sequence's width in tokens, packed by `packing` (None: auto) where the model allows."""
+    lengths, packing = table.lengths(), packing or Packing()
+    passes = length_sorted_passes(lengths, rows_per_pass * int(lengths.max()))
+    logps = torch.empty(len(table), dtype=torch.float32, device=device)
+    for part in progress(passes, desc="reference log-probs", unit="batch"):
+        logps[part.to(device)] = model_logps(model, table.pad(part).to(device), chunk_tokens, packing)
+    return logps
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from prefopt.data.batching import Batch
 from prefopt.kl import KL_ESTIMATORS
-from prefopt.logps import hidden_states, sequence_logps, token_kl
+from prefopt.logps import Packing, hidden_states, sequence_logps, token_kl
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
 
@@ -31,13 +31,14 @@ class LossInputs:
     kl_estimator: str | None = None  # exact | samples | token, when the objective needs a KL
     chunk_tokens: int = 2048
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
+    packing: Packing = Packing()  # padded batch rows -> the rows each model's decoder reads
 
 
 def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, device) -> tuple[Tensor, dict]:
     """Returns the summed per-example loss (for `/ pairs in the step`) and summed per-example metrics."""
     needs = inputs.hparams.requirements()
-    rows = batch.rows.to(device)
-    hidden = hidden_states(policy, rows)  # (R, T, D)
+    rows = inputs.packing.arrange(batch.rows, policy, device).to(device)
+    hidden = hidden_states(policy, rows)  # (G, T, D): G rows, padded (G = R) or packed
     logps = sequence_logps(policy.get_output_embeddings(), hidden, rows, inputs.chunk_tokens)  # (R,)
     chosen, rejected = batch.chosen_rows.to(device), batch.rejected_rows.to(device)
     policy_pairs = PairLogps(logps[chosen], logps[rejected])
@@ -55,12 +56,16 @@ def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, de
         mismatched_logratios=_mismatched(logps, row_reference, batch, device) if needs.mismatched else None,
         aux_chosen=_rows_of(inputs.aux_rewards, batch, chosen, device) if needs.aux_reward else None,
         aux_rejected=_rows_of(inputs.aux_rewards, batch, rejected, device) if needs.aux_reward else None,
-        values=inputs.value_head(last_prompt_hidden(hidden, rows.prompt_lengths[chosen], chosen))
-        if needs.value_head
-        else None,
+        values=_values(inputs.value_head, hidden, rows, chosen) if needs.value_head else None,
     )
     output = inputs.objective.loss(policy_pairs, reference_pairs, extras, **inputs.hparams.loss_kwargs())
     return output.losses.sum(), _metric_sums(output, policy_pairs, extras, inputs, batch, device)
+
+
+def _values(value_head, hidden: Tensor, rows, chosen: Tensor) -> Tensor:
+    """V(x) (B,) from the hidden state at each pair's last prompt token (its chosen row's copy)."""
+    at = rows.sequence_row[chosen], rows.sequence_start[chosen]
+    return value_head(last_prompt_hidden(hidden, rows.prompt_lengths[chosen], *at))
 
 
 def _rows_of(per_sequence: Tensor, batch: Batch, rows: Tensor, device) -> Tensor:
@@ -75,15 +80,18 @@ def _mismatched(logps: Tensor, row_reference: Tensor, batch: Batch, device) -> T
 def _kl(policy, hidden, logps, row_reference, rows, batch: Batch, inputs: LossInputs, device) -> Tensor:
     """(B,) estimate of KL(pi_ref(.|x) || pi_theta(.|x)) for each pair's prompt."""
     if inputs.kl_estimator == "token":  # over the pair's own responses, full vocabulary per position
+        reference = inputs.reference_model
+        reference_rows = inputs.packing.arrange(batch.rows, reference, device).to(device)
         with torch.no_grad():
-            reference_hidden = hidden_states(inputs.reference_model, rows)
+            reference_hidden = hidden_states(reference, reference_rows)
         per_row = token_kl(
             policy.get_output_embeddings(),
             hidden,
-            inputs.reference_model.get_output_embeddings(),
+            reference.get_output_embeddings(),
             reference_hidden,
             rows,
             inputs.chunk_tokens,
+            reference_rows,
         )
         return 0.5 * (per_row[batch.chosen_rows.to(device)] + per_row[batch.rejected_rows.to(device)])
     side, groups = batch.kl_rows.to(device), batch.kl_groups.to(device)

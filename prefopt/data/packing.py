@@ -1,0 +1,114 @@
+"""Padding-free rows: several sequences back to back in one row, up to a token budget.
+
+Position ids restart at 0 at every sequence, and that is all a transformers decoder needs to keep them
+apart: given no attention mask, it reads the sequence boundaries from the position ids and builds a
+block-diagonal causal mask (sdpa, eager, flex attention) or hands them to flash attention's varlen kernel.
+A row's unused tail restarts its positions too, so it is one more sequence that nothing reads.
+`prefopt.logps.supports_packing` checks that a model does keep packed sequences apart.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PackedSequences:
+    """R sequences packed into G rows of T tokens; per-sequence fields are indexed like the padded rows'."""
+
+    input_ids: Tensor  # (G, T) sequences back to back; a row's tail repeats its first token (never read)
+    position_ids: Tensor  # (G, T) 0, 1, ... from every sequence start, and from the tail's start
+    attention_mask: Tensor  # (G, T) 1 on real tokens (for counting: the decoder gets no mask)
+    response_mask: Tensor  # (G, T) True on response tokens (the ones whose log-probs are summed)
+    prompt_lengths: Tensor  # (R,)
+    response_tokens: Tensor  # (R,)
+    sequence_row: Tensor  # (R,) the row holding each sequence
+    sequence_start: Tensor  # (R,) where it begins in that row
+
+    def to(self, device) -> PackedSequences:
+        return PackedSequences(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompt_lengths)
+
+    def decoder_inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+
+
+def best_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins holding at most `budget` in all: longest first, each into the
+    bin with the least room that still fits it, else a new bin (a length over the budget gets its own)."""
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(rooms, (lengths[i], -1))
+        if at < len(rooms):
+            room, b = rooms.pop(at)
+        else:
+            room, b = budget, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(rooms, (room - lengths[i], b))
+    return bins
+
+
+def pack(rows, budget: int | None = None) -> PackedSequences:
+    """Pack right-padded rows (`PaddedSequences`) into rows of at most `budget` tokens (None: the longest
+    sequence, so no row is wider than the padded ones), best fit decreasing; sequence order is kept in the
+    per-sequence fields."""
+    lengths = rows.attention_mask.sum(-1)  # (R,)
+    sizes = lengths.tolist()
+    bins = best_fit_decreasing(sizes, max(sizes) if budget is None else budget)
+    device = rows.input_ids.device
+    sequence_row, sequence_start, used = torch.empty_like(lengths), torch.empty_like(lengths), []
+    for g, members in enumerate(bins):
+        start = 0
+        for i in members:
+            sequence_row[i], sequence_start[i] = g, start
+            start += sizes[i]
+        used.append(start)
+    width = max(used)
+    # Every real token: its sequence s and offset t, copied to (row of s, start of s + t).
+    sequence = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)  # (N,)
+    offset = torch.arange(len(sequence), device=device) - (lengths.cumsum(0) - lengths)[sequence]  # (N,)
+    row, column = sequence_row[sequence], sequence_start[sequence] + offset
+    tail_start = torch.tensor(used, device=device)[:, None]  # (G, 1)
+    columns = torch.arange(width, device=device)
+    position_ids = (columns - tail_start).clamp(min=0)  # (G, T): the tail counts from 0; real tokens below
+    position_ids[row, column] = offset
+    first = torch.tensor([members[0] for members in bins], device=device)
+    input_ids = rows.input_ids[first, :1].expand(-1, width).clone()  # (G, T), real tokens below
+    input_ids[row, column] = rows.input_ids[sequence, offset]
+    attention_mask = torch.zeros((len(bins), width), dtype=rows.attention_mask.dtype, device=device)
+    attention_mask[row, column] = 1
+    response_mask = torch.zeros((len(bins), width), dtype=torch.bool, device=device)
+    response_mask[row, column] = rows.response_mask[sequence, offset]
+    return PackedSequences(
+        input_ids,
+        position_ids,
+        attention_mask,
+        response_mask,
+        rows.prompt_lengths,
+        rows.response_tokens,
+        sequence_row,
+        sequence_start,
+    )
+
+
+def length_sorted_passes(lengths: Tensor, tokens_per_pass: int) -> list[Tensor]:
+    """Sequence ids, longest first, in passes that pad to at most `tokens_per_pass` tokens (a pass's count
+    times its first, longest, length; at least one sequence): neighbours in length, so padded passes
+    waste little and packed ones fill their rows."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths, passes, at = lengths[order].tolist(), [], 0
+    while at < len(order):
+        count = max(1, tokens_per_pass // sorted_lengths[at])
+        passes.append(order[at : at + count])
+        at += count
+    return passes
