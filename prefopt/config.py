@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import difflib
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,10 @@ class ConfigFieldError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class MissingPathError(ConfigFieldError, FileNotFoundError):
+    """A local file or directory the config names does not exist."""
 
 
 def register_resolvers() -> None:
@@ -80,7 +85,7 @@ class TrainerConfig:
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
     value_head_width: int = 128  # hidden width of that head
     save_checkpoint: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
-    checkpoint_every_steps: int | None = 100  # training-state checkpoint period (also at the end, on preemption)
+    checkpoint_every_steps: int | None = 100  # training-state checkpoint period (also at the end, preemption)
     keep_last_checkpoints: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
     resume: str | None = None  # auto (newest intact checkpoint in the run dir) | a checkpoint or run dir path
     resume_allow_changes: list[str] = field(
@@ -139,18 +144,37 @@ LOGGER_NAMES = ("wandb", "none")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
+def did_you_mean(word: str, choices: Any, prefix: str = "") -> str:
+    """A hint naming the closest of `choices` ("; did you mean <prefix>X?"), or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _schema_merge(schema: type, node: Any, where: str) -> Any:
-    """Merge `node` into the dataclass `schema`, turning OmegaConf errors into ones naming `where.key`."""
+    """Merge `node` into the dataclass `schema`, turning OmegaConf errors into ones naming `where.key`.
+
+    A schema's `preflight()`, when it has one, then checks what the config names on this machine (a local
+    file or directory exists, ...) without loading anything; it runs here, not when Python builds one."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-        return OmegaConf.to_object(merged)
+        value = OmegaConf.to_object(merged)
+        if hasattr(value, "preflight"):
+            value.preflight()
+        return value
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         message = str(error).splitlines()[0]
+        if isinstance(error, ConfigKeyError) and key.split(".")[-1] not in schema.__dataclass_fields__:
+            message += did_you_mean(key, schema.__dataclass_fields__, f"{where}.")
         raise ConfigError(f"{where}.{key}: {message}") from None
     except (TypeError, ValueError) as error:  # a schema's own check; name its field when it says which
-        field_name = getattr(error, "field", None)
-        raise ConfigError(f"{where}.{field_name}: {error}" if field_name else f"{where}: {error}") from None
+        field_name, message = getattr(error, "field", None), str(error)
+        words = message.split(maxsplit=1)
+        if field_name is None and len(words) == 2 and words[0] in schema.__dataclass_fields__:
+            field_name, message = words  # "beta must be > 0, got 0" names its field in its first word
+        key = f"{where}.{field_name}" if field_name else where
+        named = message.startswith((f"{key}=", f"{key}:"))  # the message names its key already
+        raise ConfigError(message if named else f"{key}: {message}") from None
 
 
 def _named(node: Any, where: str, registry: dict[str, Any], schema_of=lambda entry: entry.config) -> tuple:
@@ -158,7 +182,8 @@ def _named(node: Any, where: str, registry: dict[str, Any], schema_of=lambda ent
     options = dict(node)
     name = options.pop("name", None)
     if name not in registry:
-        raise ConfigError(f"{where}.name: unknown {where} {name!r}; choose one of {sorted(registry)}")
+        hint = did_you_mean(name, registry)
+        raise ConfigError(f"{where}.name: unknown {where} {name!r}{hint} (one of {sorted(registry)})")
     return name, _schema_merge(schema_of(registry[name]), options, where)
 
 
@@ -197,9 +222,10 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
-    unknown = set(raw) - KNOWN_TOP_LEVEL
+    unknown = sorted(set(raw) - KNOWN_TOP_LEVEL)
     if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}; known: {sorted(KNOWN_TOP_LEVEL)}")
+        hint = did_you_mean(unknown[0], KNOWN_TOP_LEVEL)
+        raise ConfigError(f"{unknown[0]}: unknown top-level key{hint} (known: {sorted(KNOWN_TOP_LEVEL)})")
     if not isinstance(raw.get("seed"), int):
         raise ConfigError(f"seed: expected an integer, got {raw.get('seed')!r}")
     model_name, model = _named(raw["model"], "model", MODELS)
@@ -208,8 +234,14 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     aux_reward = raw.get("aux_reward") or {}
     for name, options in aux_reward.items():
         if name not in AUX_REWARDS:
-            raise ConfigError(f"aux_reward.{name}: unknown reward; choose from {sorted(AUX_REWARDS)}")
+            hint = did_you_mean(name, AUX_REWARDS)
+            raise ConfigError(f"aux_reward.{name}: unknown reward{hint} (one of {sorted(AUX_REWARDS)})")
         _schema_merge(AUX_REWARDS[name].config, options, f"aux_reward.{name}")
+    if objective.requirements().aux_reward and not aux_reward:
+        raise ConfigError(
+            f"aux_reward: objective={objective_name} needs an auxiliary reward and none is configured; "
+            f"set aux_reward=<name> (one of {sorted(AUX_REWARDS)})"
+        )
     trainer = _schema_merge(TrainerConfig, raw["trainer"], "trainer")
     _check_trainer(trainer)
     evaluation = _schema_merge(EvalConfig, raw["eval"], "eval")
@@ -297,7 +329,8 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "optimizer": trainer.optimizer in ("adamw", "rmsprop"),
         "reference_fit.max_steps": trainer.reference_fit.max_steps >= 0,
         "reference_fit.lr": trainer.reference_fit.lr > 0,
-        "checkpoint_every_steps": trainer.checkpoint_every_steps is None or trainer.checkpoint_every_steps >= 1,
+        "checkpoint_every_steps": trainer.checkpoint_every_steps is None
+        or trainer.checkpoint_every_steps >= 1,
         "keep_last_checkpoints": trainer.keep_last_checkpoints >= 1,
         "max_bad_steps": trainer.max_bad_steps >= 1,
         "preemption_signals": all(name in _SIGNALS for name in trainer.preemption_signals),

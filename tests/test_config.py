@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 APP_GROUPS = {"model", "dataset", "objective", "aux_reward", "trainer", "eval", "logger", "experiment"}
 
-# Options with a required `???` value, and the override each gets here (a value, nothing is loaded).
+# Options with a required `???` value, and the override each gets here (a hub name: nothing is loaded,
+# and a local path would have to exist).
 REQUIRED = {
     "model/pretrained": ["model.name_or_path=x"],
-    "dataset/preference": ["dataset.path=json"],
+    "dataset/preference": ["dataset.path=org/pairs"],
     "aux_reward/custom": ["aux_reward.custom.function=prefopt.rewards.custom:example_word_count"],
 }
 REQUIRED_KEY = {
@@ -269,7 +270,7 @@ def test_strength_leaves_simpo_on_its_own_scale_and_an_explicit_value_wins():
         (["trainer.num_threads=0"], ["trainer.num_threads"]),
         (["trainer.reference_fit.lr=0"], ["trainer.reference_fit.lr"]),
         (
-            ["dataset=preference", "dataset.path=x.jsonl", "trainer.reference_fit.enabled=true"],
+            ["dataset=preference", "dataset.path=org/pairs", "trainer.reference_fit.enabled=true"],
             ["trainer.reference_fit.enabled"],
         ),
     ],

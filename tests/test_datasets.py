@@ -592,7 +592,7 @@ SCHEMAS = {
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_every_dataset_yaml_composes_and_validates(name: str):
-    extra = ["dataset.path=x.jsonl"] if name == "preference" else []
+    extra = ["dataset.path=org/pairs"] if name == "preference" else []  # a hub name: a local file must exist
     rc = load_run_config(compose_config(f"dataset={name}", *extra))
     assert rc.dataset_name == name and type(rc.dataset) is SCHEMAS[name]
     assert rc.dataset.max_length is None and rc.dataset.max_prompt_tokens == 256

@@ -24,7 +24,7 @@ import numpy as np
 from prefopt.config import ConfigFieldError
 from prefopt.data.pairs import TextData, TextPairs
 from prefopt.data.preference import PreferenceFileConfig, load_preference
-from prefopt.data.source import SourceConfig, open_source
+from prefopt.data.source import SourceConfig, load_arguments, open_source
 
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -49,6 +49,15 @@ class IMDbConfig(SourceConfig):
             raise ConfigFieldError("samples_per_prompt", "need at least 2 completions to make a pair")
         if self.max_new_tokens < 1:
             raise ConfigFieldError("max_new_tokens", "need at least 1")
+
+    def preflight(self) -> None:
+        """The reviews' source, or only the precomputed pairs' file or dir when `pairs_path` is given."""
+        if self.pairs_path is None:
+            return super().preflight()
+        try:
+            load_arguments(SourceConfig(path=self.pairs_path), "dataset.pairs_path")
+        except ConfigFieldError as error:
+            raise type(error)("pairs_path", str(error)) from None
 
 
 @dataclass(frozen=True)

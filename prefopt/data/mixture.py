@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from prefopt.config import ConfigFieldError
 from prefopt.data.pairs import TextData, TextPairs, concat_pairs
+from prefopt.data.source import check_token_limits
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,16 @@ class MixtureConfig:
         for key in ("train_examples", "eval_examples"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigFieldError(key, f"{getattr(self, key)} is not >= 1 (null: the most that fit)")
+        check_token_limits(self)
         self.parsed = [self._source(label, options) for label, options in self.sources.items()]
+
+    def preflight(self) -> None:
+        """Each source's own check before anything loads (its local files exist), naming its key."""
+        for source in self.parsed:
+            try:
+                source.config.preflight()
+            except ConfigFieldError as error:
+                raise type(error)(f"sources.{source.label}.{error.field}", str(error)) from None
 
     def _source(self, label: str, options: Any) -> MixtureSource:
         from prefopt.data import DATASETS

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefopt.config import ConfigFieldError
+from prefopt.config import ConfigFieldError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,25 @@ class SourceConfig:
                 raise ConfigFieldError(name, f"{getattr(self, name)} is not >= 1 (null: no limit)")
         if self.min_eval_pairs < 1:
             raise ConfigFieldError("min_eval_pairs", f"{self.min_eval_pairs} is not >= 1")
+        check_token_limits(self)
+
+    def preflight(self) -> None:
+        """Before anything loads: the local file, dir or data files named exist (a hub name is looked up
+        when it loads)."""
+        load_arguments(self)
+
+
+def check_token_limits(cfg) -> None:
+    """Each limit holds a token, and `max_length` leaves room for a response after a full-length prompt."""
+    for name in ("max_prompt_tokens", "max_response_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigFieldError(name, f"{getattr(cfg, name)} is not >= 1")
+    if cfg.max_length is not None and cfg.max_prompt_tokens >= cfg.max_length:
+        raise ConfigFieldError(
+            "max_length",
+            f"{cfg.max_length} leaves no room for a response after a prompt of max_prompt_tokens="
+            f"{cfg.max_prompt_tokens}; make max_prompt_tokens smaller",
+        )
 
 
 def check_data_files(value: Any) -> None:
@@ -97,26 +116,39 @@ class Source:
 def open_source(cfg: SourceConfig, dataset: str) -> Source:
     """`load_dataset` on what `dataset.path` names; a missing local file or dir is a one-line error."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     path, kwargs = load_arguments(cfg)
     try:
         splits = load_dataset(path, **kwargs)
     except OSError as error:  # a hub name not found or not reachable, data files that match nothing
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hub = path not in BUILDERS.values() and not Path(path).exists()
         hint = " (not a local file or dir, so it was looked up on the hub)" if hub else ""
-        raise FileNotFoundError(f"dataset={dataset} dataset.path={cfg.path}{hint}: {first}") from error
+        raise FileNotFoundError(
+            f"dataset={dataset} dataset.path={cfg.path}{hint}: {_first_line(error)}"
+        ) from error
+    except DatasetGenerationError as error:  # a file it cannot parse (the cause says why)
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"dataset={dataset} dataset.path={cfg.path}: cannot read its rows: {_first_line(cause)}"
+        ) from error
     return Source(splits, cfg.path, (path, kwargs))
 
 
-def load_arguments(cfg: SourceConfig) -> tuple[str, dict]:
-    """(path, keyword arguments) for `load_dataset`."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_arguments(cfg: SourceConfig, key: str = "dataset.path") -> tuple[str, dict]:
+    """(path, keyword arguments) for `load_dataset`; a missing local file or dir is a MissingPathError, a
+    local file of an unknown kind a ConfigFieldError (each naming the key), before anything is read."""
     kwargs = {"name": cfg.config_name, "data_dir": cfg.data_dir, "data_files": cfg.data_files}
     local = Path(cfg.path).expanduser()
     if local.is_file():
         builder = builder_for(local)
         if builder is None:
-            raise ValueError(f"dataset.path={cfg.path}: not a .jsonl, .json, .parquet or .csv file")
+            raise ConfigFieldError("path", f"{key}={cfg.path}: not a .jsonl, .json, .parquet or .csv file")
         _check_local_files(cfg.data_files, Path.cwd())
         return builder, {**kwargs, "data_files": cfg.data_files or {"train": str(local)}}
     if local.is_dir():
@@ -124,13 +156,14 @@ def load_arguments(cfg: SourceConfig) -> tuple[str, dict]:
         return str(local), kwargs
     if cfg.path in set(BUILDERS.values()):
         if cfg.data_files is None:
-            raise ValueError(
-                f"dataset.path={cfg.path} reads dataset.data_files: give a file or {{train: file}}"
+            raise ConfigFieldError(
+                "data_files",
+                f"{key}={cfg.path} reads dataset.data_files: give a file or {{train: file}}",
             )
         _check_local_files(cfg.data_files, Path.cwd())
         return cfg.path, kwargs
     if cfg.path.startswith(("/", ".", "~")) or builder_for(local) is not None:
-        raise FileNotFoundError(f"dataset.path={cfg.path}: no such file or directory")
+        raise MissingPathError("path", f"{key}={cfg.path}: no such file or directory")
     return cfg.path, kwargs  # a hub name
 
 
@@ -141,7 +174,9 @@ def _check_local_files(data_files: Any, base: Path) -> None:
             if "://" in file or GLOB & set(file):
                 continue
             if not (base / Path(file).expanduser()).exists():
-                raise FileNotFoundError(f"dataset.data_files: no such file {file} (relative to {base})")
+                raise MissingPathError(
+                    "data_files", f"dataset.data_files: no such file {file} (relative to {base})"
+                )
 
 
 class RowLocator:

@@ -31,24 +31,26 @@ class PretrainedModelConfig:
         if self.dtype not in DTYPES:
             raise ConfigFieldError("dtype", f"expected one of {list(DTYPES)}, got {self.dtype!r}")
 
+    def preflight(self) -> None:
+        """Before anything loads: every local path given exists (a hub id is looked up when it loads)."""
+        for key in ("name_or_path", "tokenizer_name_or_path", "reference_name_or_path"):
+            value = getattr(self, key)
+            problem = value and local_path_problem(value)
+            if problem:
+                raise ConfigFieldError(key, problem)
+
 
 def load_pretrained(cfg: PretrainedModelConfig, vocabulary: list[str] | None = None):
     """Load a causal LM and its tokenizer with `from_pretrained` (a missing pad token becomes EOS), then
     wrap it in LoRA adapters when `cfg.lora.r > 0`."""
     from transformers import AutoTokenizer
 
-    if cfg.trust_remote_code:
-        log.warning(
-            "model.trust_remote_code=true: the Python code shipped with %s (and its tokenizer) runs on this "
-            "machine with your permissions; use it only for checkpoints you trust",
-            cfg.name_or_path,
-        )
-    options = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+    options = load_options(cfg)
     model = load_causal_lm(cfg.name_or_path, cfg.dtype, "model.name_or_path", cfg.revision, **options)
     tokenizer_source = cfg.tokenizer_name_or_path or _tokenizer_source(cfg.name_or_path)
     check_local_path(tokenizer_source, "model.tokenizer_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        tokenizer_source, revision=cfg.revision, trust_remote_code=options["trust_remote_code"]
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -57,6 +59,18 @@ def load_pretrained(cfg: PretrainedModelConfig, vocabulary: list[str] | None = N
     if cfg.lora.r > 0:
         model = apply_lora(model, cfg.lora, _resolved(cfg.name_or_path))
     return model, tokenizer
+
+
+def load_options(cfg: PretrainedModelConfig) -> dict:
+    """`from_pretrained` keyword arguments beyond the path and dtype. Remote code runs only when asked
+    for, and then with a warning naming the checkpoint."""
+    if cfg.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code=true: the Python code shipped with %s (and its tokenizer) runs on this "
+            "machine with your permissions; use it only for checkpoints you trust",
+            cfg.name_or_path,
+        )
+    return {"attn_implementation": cfg.attn_implementation, "trust_remote_code": bool(cfg.trust_remote_code)}
 
 
 def _checkpoint_activations(model) -> None:
@@ -102,13 +116,21 @@ def load_causal_lm(name_or_path: str, dtype: str, key: str, revision: str | None
 def check_local_path(name_or_path: str, key: str) -> Path | None:
     """The directory `name_or_path` names, None for a hub id; a value that can only be a local path
     (/, ./, ../, ~, or more than one '/') but is not an existing directory raises a one-line ValueError."""
+    problem = local_path_problem(name_or_path)
+    if problem:
+        raise ValueError(f"{key}={name_or_path}: {problem}")
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
-        state = "is a file, not a model directory" if path.exists() else "does not exist"
-        raise ValueError(f"{key}={name_or_path}: the directory {path} {state}")
-    return None
+    return path if path.is_dir() else None
+
+
+def local_path_problem(name_or_path: str) -> str | None:
+    """What is wrong with a value that can only be a local directory (/, ./, ../, ~, or more than one
+    '/'); None for an existing directory or a hub id such as `meta-llama/Llama-3.2-1B`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or not (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1):
+        return None
+    state = "is a file, not a model directory" if path.exists() else "does not exist"
+    return f"the directory {path.absolute()} {state}"
 
 
 def _adapter_base(path: Path) -> str | None:

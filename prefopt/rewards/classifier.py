@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from prefopt.config import ConfigFieldError
-from prefopt.models.pretrained import DTYPES, check_local_path
+from prefopt.models.pretrained import DTYPES, check_local_path, local_path_problem
 from prefopt.progress import progress
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
@@ -42,6 +42,12 @@ class ClassifierConfig(RewardConfig):
             raise ConfigFieldError("dtype", f"expected one of {list(DTYPES)}, got {self.dtype!r}")
         if not self.device.startswith(("auto", "cpu", "cuda", "mps")):
             raise ConfigFieldError("device", f"expected auto, cpu, cuda[:i] or mps, got {self.device!r}")
+
+    def preflight(self) -> None:
+        """Before anything loads: a local `model` directory exists (a hub id is looked up when it loads)."""
+        problem = local_path_problem(self.model)
+        if problem:
+            raise ConfigFieldError("model", problem)
 
 
 def _check_text(text: str) -> None:
