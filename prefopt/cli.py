@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
+import os
 import sys
+from pathlib import Path
 
 USAGE = """usage: prefopt <command> [args]
 
@@ -13,6 +18,7 @@ commands:
   evaluate <run dir | checkpoint> [key=value ...]
                         held-out metrics and generation eval of a saved model, without training
 """
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from prefopt.training.train import main as train_main
 
         register_resolvers()
+        mistake = override_mistake(rest)
+        if mistake:
+            print(f"prefopt: config error: {mistake}", file=sys.stderr)
+            return 2
         sys.argv = ["prefopt train", *rest]
         train_main()
         return 0
@@ -39,6 +49,104 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(rest)
     print(f"prefopt: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def override_mistake(args: list[str]) -> str | None:
+    """One line naming a mistyped key or an unknown group option in `args`, with its closest matches.
+
+    Hydra rejects both itself, with a few lines and no suggestion; here the config is composed first, as
+    `prefopt train` will compose it (a sweep by its first value). None when it composes, or fails in a way
+    Hydra reports well (its message then follows, as does a full one under HYDRA_FULL_ERROR=1).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    overrides = _job_overrides(args)
+    if overrides is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            compose("train", overrides=overrides)
+            return None
+        except MissingConfigException as error:  # objective=dpoo, aux_reward=[length,bogus]
+            return _unknown_option(error.missing_cfg_file, error.options)
+        except ConfigCompositionException as error:  # trainer.max_step=5 (not in struct)
+            key = getattr(error.__cause__, "full_key", None)
+            if not key or not isinstance(error.__cause__, ConfigAttributeError | ConfigKeyError):
+                return None
+            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+            try:
+                known = compose("train", overrides=rest, return_hydra_config=True)
+            except ConfigCompositionException:
+                known = compose("train", return_hydra_config=True)
+            return _unknown_key(key, known)
+
+
+def _job_overrides(args: list[str]) -> list[str] | None:
+    """The overrides of `args` (a sweep replaced by its first value), or None when the command composes
+    nothing from conf/ (--help, --version, another config dir) or Hydra's own parser rejects it."""
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            parsed = get_args_parser().parse_args(args)
+            overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except (SystemExit, Exception):  # noqa: BLE001 - Hydra reports it in its own words
+        return None
+    unusual = (
+        parsed.help,
+        parsed.hydra_help,
+        parsed.shell_completion,
+        parsed.info,
+        parsed.experimental_rerun,
+    )
+    if any(unusual) or parsed.config_path or parsed.config_name or parsed.config_dir:
+        return None
+    job = []
+    for override in overrides:
+        if not override.is_sweep_override():
+            job.append(override.input_line)
+            continue
+        try:
+            first = next(iter(override.sweep_string_iterator()))
+        except Exception:  # noqa: BLE001 - a glob or interval sweep: leave it to the sweeper
+            continue
+        job.append(f"{override.get_key_element()}={first}")
+    return job
+
+
+def _unknown_option(missing: str | None, options: list[str] | None) -> str | None:
+    if not missing or "/" not in missing:
+        return None
+    group, name = missing.rsplit("/", 1)
+    options = options or sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"; did you mean {group}={close[0]}?" if close else ""
+    return f"{group}={name}: no such option{hint} (options: {', '.join(options)})"
+
+
+def _unknown_key(key: str, known) -> str:
+    """`key: no such key; did you mean <closest existing key>?`, walking `known` as far as `key` exists."""
+    from omegaconf import DictConfig
+
+    parts, node = key.split("."), known
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            break
+        if part not in node:
+            names = [str(k) for k in node]
+            if i == 0:  # groups a config can add with +group=option, e.g. experiment
+                names += [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+            close = difflib.get_close_matches(part, sorted(set(names)), n=1)
+            if close:
+                return (
+                    f"{key}: no such key; did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}?"
+                )
+            break
+        node = node[part]
+    return f"{key}: no such key (to add a new one, write +{key}=...)"
 
 
 if __name__ == "__main__":
