@@ -146,7 +146,7 @@ def test_custom_reward_from_an_allowed_path_with_kwargs():
 
 
 def test_custom_reward_outside_the_allowlist_is_refused_before_import():
-    with pytest.raises(ValueError, match=r"'os:system'.*\['prefopt\.', 'user_rewards\.'\]"):
+    with pytest.raises(ValueError, match=r"'os:system'.*\['prefopt\.rewards\.', 'user_rewards\.'\]"):
         single("custom", function="os:system")
     with pytest.raises(
         ValueError, match="outside the allowlist"

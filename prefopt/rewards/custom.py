@@ -1,7 +1,9 @@
 """A user's own reward function, named by import path in the config, and the project's one allowlist helper.
 
 Config strings are never evaluated: `resolve_callable` imports a module whose name starts with an allowed
-prefix and looks an attribute up in it, nothing more.
+prefix and looks an attribute up in it, nothing more. The callable found must be defined under an allowed
+prefix too, so an allowed module cannot hand out what it imported (`os.system`, prefopt's training loop).
+The default allowlist is prefopt's own rewards and a `user_rewards` package: never prefopt.training.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from prefopt.config import ConfigFieldError
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
 
@@ -22,17 +25,25 @@ def _is_allowed(module: str, allowed_prefixes: Sequence[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 
 
+def _split(path: str) -> tuple[str, str, str]:
+    """(module, separator, attribute) of "package.module:function" or "package.module.function"."""
+    return path.partition(":") if ":" in path else path.rpartition(".")
+
+
 def resolve_callable(path: str, allowed_prefixes: Sequence[str]) -> Callable:
     """Returns the callable at `path`, "package.module:function" or "package.module.function".
 
-    The module must lie under one of `allowed_prefixes` (checked before anything is imported).
-    Raises ValueError for a malformed or disallowed path, ImportError for a missing module,
-    AttributeError for a missing attribute and TypeError when the attribute is not callable.
+    The module must lie under one of `allowed_prefixes` (checked before anything is imported), and so must
+    the module that defines the callable. Raises ValueError for a malformed or disallowed path (a private
+    `_name` included), ImportError for a missing module, AttributeError for a missing attribute and
+    TypeError when the attribute is not callable.
     """
-    module, sep, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    module, sep, attribute = _split(path)
     names = module.split(".") + attribute.split(".")
     if not sep or not all(n.isidentifier() for n in names):
         raise ValueError(f"{path!r} is not an import path like 'package.module:function'")
+    if any(n.startswith("_") for n in attribute.split(".")):
+        raise ValueError(f"{path!r}: private names (_...) are not resolved")
     if not _is_allowed(module, allowed_prefixes):
         raise ValueError(
             f"{path!r} is not allowed: module {module!r} is outside the allowlist {list(allowed_prefixes)}; "
@@ -50,6 +61,12 @@ def resolve_callable(path: str, allowed_prefixes: Sequence[str]) -> Callable:
         target = getattr(target, name)
     if not callable(target):
         raise TypeError(f"{path!r} is a {type(target).__name__}, not a callable")
+    defined_in = getattr(target, "__module__", None) or "?"
+    if not _is_allowed(defined_in, allowed_prefixes):
+        raise ValueError(
+            f"{path!r} is not allowed: it is defined in {defined_in!r}, outside the allowlist "
+            f"{list(allowed_prefixes)}; name it where it is defined, under an allowed prefix"
+        )
     return target
 
 
@@ -59,8 +76,17 @@ class CustomConfig(RewardConfig):
         MISSING  # "package.module:function" with signature (prompts, responses, **kwargs) -> floats
     )
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments passed to the function
-    # modules `function` may come from; add your own package here (never a bare top-level like "os.")
-    allowed_prefixes: list[str] = field(default_factory=lambda: ["prefopt.", "user_rewards."])
+    # packages `function` may come from (and be defined in); add your own here, never a bare top-level
+    # like "os." nor "prefopt." (that would reach the training loop)
+    allowed_prefixes: list[str] = field(default_factory=lambda: ["prefopt.rewards.", "user_rewards."])
+
+    def preflight(self) -> None:
+        """Before anything loads: `function` is an import path under the allowlist (nothing is imported)."""
+        module = _split(self.function)[0]
+        if not _is_allowed(module, self.allowed_prefixes):
+            raise ConfigFieldError(
+                "function", f"module {module!r} is outside allowed_prefixes {list(self.allowed_prefixes)}"
+            )
 
 
 def build_custom(cfg: CustomConfig, context: Any) -> RewardFn:
