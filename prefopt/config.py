@@ -93,6 +93,10 @@ class TrainerConfig:
     )  # config keys (or prefixes) a resumed run may change
     max_bad_steps: int = 5  # consecutive non-finite loss or gradient steps (each skipped) that stop the run
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    strategy: str = "auto"  # under torchrun: fsdp (FSDP2) | ddp | single; auto: fsdp with several processes
+    compile: bool = False  # torch.compile the decoder (dynamic shapes)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
+    fused_optimizer: bool | None = None  # fused AdamW kernel; None: on CUDA
     reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
 
 
@@ -334,6 +338,7 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "keep_last_checkpoints": trainer.keep_last_checkpoints >= 1,
         "max_bad_steps": trainer.max_bad_steps >= 1,
         "preemption_signals": all(name in _SIGNALS for name in trainer.preemption_signals),
+        "strategy": trainer.strategy in ("auto", "fsdp", "ddp", "single"),
     }
     expected = {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"}
     expected["packing"] = "auto | true | false"

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefopt.training.distributed import all_true, barrier, broadcast_object, world
+
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -56,13 +58,15 @@ def _split(optimizer_state: dict) -> tuple[dict, dict]:
 
 
 def _dcp(save: bool, tensors: dict, path: Path) -> None:
+    """Collective under torchrun: each rank writes (reads) its own shards, in files of its own."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
         if save:
-            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(path)))
+            writer = HuggingFaceStorageWriter(str(path), save_distributed=world().distributed)
+            dcp.save(tensors, storage_writer=writer)
         else:
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
 
@@ -91,8 +95,8 @@ def save_checkpoint(
 
     from prefopt.training.seeding import rng_state
 
-    bad = [name for name, p in modules.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
+    bad = [name for name, p in modules.named_parameters() if not torch.isfinite(_local(p)).all()]
+    if not all_true(not bad, next(modules.parameters()).device):
         raise CheckpointError(f"not checkpointing step {step}: non-finite weights in {bad[:3]}")
     model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
     optimizer_tensors, optimizer_values = _split(optimizer_state)
@@ -106,14 +110,26 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous() for k, v in tensors.items() if k not in aliases}
 
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "state").mkdir(parents=True)
+    staging = final.parent / f".{final.name}.tmp-{broadcast_object(os.getpid())}"  # rank 0's, on every rank
+    if world().is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "state").mkdir(parents=True)
+    barrier()
     _dcp(True, tensors, staging / "state")
+    barrier()  # every rank's shards are written
+    if world().is_main:
+        _finish(staging, final, tensors, aliases, optimizer_values, scheduler, python_rng, record)
+        _prune(run_dir, keep_last)
+        log.info("checkpoint: step %d -> %s", step, final)
+    barrier()
+    return final
+
+
+def _finish(staging: Path, final: Path, tensors, aliases, optimizer_values, scheduler, python_rng, record):
+    """Rank 0: trainer_state.json with every file's size, fsync, rename into place."""
     state = {
         "format_version": FORMAT_VERSION,
-        "step": step,
+        "step": int(final.name.split("-")[1]),
         "tensor_keys": sorted(tensors),
         "aliases": aliases,
         "optimizer_values": optimizer_values,
@@ -131,9 +147,6 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync(final.parent)
-    _prune(run_dir, keep_last)
-    log.info("checkpoint: step %d -> %s", step, final)
-    return final
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
@@ -244,11 +257,15 @@ def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sa
     return state
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's own shard
+
+
 def _aliases(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """key -> the first key holding the very same tensor (same memory, shape and strides)."""
     first, aliases = {}, {}
     for key, value in tensors.items():
-        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's own shard
+        local = _local(value)
         identity = (local.data_ptr(), tuple(local.shape), local.stride(), local.dtype)
         if local.numel() and identity in first:
             aliases[key] = first[identity]

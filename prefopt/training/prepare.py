@@ -24,6 +24,7 @@ from prefopt.models.value_head import ValueHead
 from prefopt.objectives import OBJECTIVES
 from prefopt.progress import progress, progress_enabled
 from prefopt.rewards import build_aux_reward, score_responses
+from prefopt.training.distributed import my_share, sum_across_ranks
 from prefopt.training.reference_cache import cached_reference_logps, free_memory
 from prefopt.training.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
 from prefopt.training.step import LossInputs
@@ -316,10 +317,10 @@ def _all_sequence_logps(
     longest sequence's width in tokens, packed by `packing` (None: auto) where the model allows."""
     lengths, packing = table.lengths(), packing or Packing()
     passes = length_sorted_passes(lengths, rows_per_pass * int(lengths.max()))
-    logps = torch.empty(len(table), dtype=torch.float32, device=device)
-    for part in progress(passes, desc="reference log-probs", unit="batch"):
+    logps = torch.zeros(len(table), dtype=torch.float32, device=device)
+    for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
         logps[part.to(device)] = model_logps(model, table.pad(part).to(device), chunk_tokens, packing)
-    return logps
+    return sum_across_ranks(logps)  # each rank computed its share of the passes
 
 
 @torch.no_grad()

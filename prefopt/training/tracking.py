@@ -114,6 +114,24 @@ class Tracker:
                 run.finish(exit_code=1, quiet=True)
 
 
+class NullTracker:
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes the run's records)."""
+
+    run_id, records = None, 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        pass
+
+
 def _start_wandb(cfg: LoggerConfig, run_dir: Path, config: dict, run_name: str, group, wandb_id):
     """online -> offline -> off, each fall with one warning. `wandb_id` continues a run (resume)."""
     try:

@@ -25,6 +25,20 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
+from prefopt.training.distributed import (
+    TrainableModules,
+    all_true,
+    barrier,
+    broadcast_object,
+    clip_grad_norm,
+    device_for,
+    gathered,
+    init_from_environment,
+    my_pairs,
+    sum_floats,
+    world,
+    wrap,
+)
 from prefopt.training.loop_state import (
     LoopState,
     NonFiniteTraining,
@@ -41,19 +55,20 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 __all__ = ["NonFiniteTraining", "RunDirInUse", "main", "train"]
 
 
-def _adamw(groups, cfg):
+def _adamw(groups, cfg, device):
     import torch
 
-    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas))
+    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), fused=fused or None)
 
 
-def _rmsprop(groups, cfg):
+def _rmsprop(groups, cfg, device):
     import torch
 
     return torch.optim.RMSprop(groups)  # HPO's (lr and weight decay come from the groups)
 
 
-OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (param groups, cfg) -> optimizer
+OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (groups, cfg, device) -> optimizer
 
 
 def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
@@ -61,13 +76,15 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     or ConfigError (a resume that does not fit) before anything loads. On any failure, preemption or
     Ctrl-C, summary.json says so, the tracker is closed, and the error propagates."""
     from prefopt.training.checkpoint import read_state
-    from prefopt.training.tracking import Tracker
+    from prefopt.training.tracking import NullTracker, Tracker
 
     plan = plan_resume(rc, run_dir)
     if plan.finished is not None:
         log.info("%s already finished (summary.json says completed): nothing to resume", run_dir)
         return plan.finished
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: every interpolation filled
+    main_process = world().is_main
+    if main_process:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: interpolations filled
     saved = read_state(plan.checkpoint) if plan.checkpoint is not None else None
     started = time.perf_counter()
     tracker = None
@@ -75,15 +92,21 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
         device = _configure_torch(rc)
         kept = _kept_records(plan.checkpoint, saved) if saved else ([] if plan.restart else None)
         wandb_id = saved.get("wandb_id") if saved else None
-        tracker = Tracker(rc.logger, run_dir, rc.raw, run_name(rc), group, kept, wandb_id)
+        tracker = (
+            Tracker(rc.logger, run_dir, rc.raw, run_name(rc), group, kept, wandb_id)
+            if main_process
+            else NullTracker()
+        )
         with PreemptionGuard(rc.trainer.preemption_signals) as guard:
             summary = _train(rc, run_dir, device, tracker, started, plan.checkpoint, guard)
     except BaseException as error:
-        _write_failed_summary(rc, run_dir, error, started)
+        if main_process:
+            _write_failed_summary(rc, run_dir, error, started)
         if tracker is not None:
             tracker.finish(exit_code=getattr(error, "exit_code", 1), preempted=isinstance(error, Preempted))
         raise
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     convergence = {
         f"convergence/{k}": v for k, v in summary["convergence"].items() if not isinstance(v, list)
     }
@@ -116,7 +139,6 @@ def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, st
 
 
 def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkpoint, guard) -> dict:
-    import torch
     from transformers import get_scheduler
 
     from prefopt.data.batching import PairSampler
@@ -135,22 +157,28 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
         log.info("trainer.epochs=%g: %d steps", rc.trainer.epochs, rc.trainer.max_steps)
     max_steps = rc.trainer.max_steps
-    trainable = torch.nn.ModuleDict({"policy": run.policy})  # what a checkpoint holds (trainable part)
+    trainable = TrainableModules({"policy": run.policy})  # what the optimizer updates and checkpoints hold
+    if run.inputs.value_head is not None:
+        trainable["value_head"] = run.inputs.value_head
+    run.inputs.packing.packs(run.policy, device)  # probe the decoder once, before any sharding
+    _speed_up(run.policy, rc.trainer)
+    model = wrap(trainable, _strategy(rc.trainer), device)  # FSDP2 shards in place; DDP wraps
     groups = [
         {"params": _trainable(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
     ]
     if run.inputs.value_head is not None:
-        trainable["value_head"] = run.inputs.value_head
         groups.append({"params": _trainable(run.inputs.value_head), "lr": rc.trainer.value_head_lr})
     params = [p for group in groups for p in group["params"]]
-    optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer)
+    optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer, device)
     optimizer.zero_grad(set_to_none=True)
     scheduler = get_scheduler(rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, max_steps)
-    sampler = PairSampler(len(run.train), rc.trainer.batch_size, rc.seed)
+    sampler = PairSampler(len(run.train), rc.trainer.batch_size, rc.seed)  # the same on every rank
+    _check_divisible(sampler.batch_size, rc.trainer)
     state = LoopState()
 
     def run_eval(step: int) -> tuple[dict, dict]:
-        metrics, detail = evaluate(run, step, rc.eval.batch_size, device, autocast)
+        with gathered(model):  # every rank evaluates every pair: sharded layers gather as they run
+            metrics, detail = evaluate(run, step, rc.eval.batch_size, device, autocast)
         state.history.append({"step": step, **metrics, **detail})
         tracker.log(metrics, step)
         log.info("eval @ step %d: %s", step, brief(metrics))
@@ -187,9 +215,9 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         raise Preempted(guard.requested, state.step, save(state.step))
     for step in bar:
         examples = sampler.next()
-        step_sums, step_tokens = _forward_backward(run, examples, rc.trainer, step, device, autocast)
+        step_sums, step_tokens = _forward_backward(model, run, examples, rc.trainer, step, device, autocast)
         tokens += step_tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, _max_norm(rc.trainer)))
+        grad_norm = clip_grad_norm(params, _max_norm(rc.trainer))
         step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
         if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
             optimizer.step()
@@ -213,7 +241,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         if step % rc.eval.eval_every_steps == 0 and step != max_steps:
             run_eval(step)
         state.step = step
-        stop = guard.requested  # read once: a signal arriving after this line is seen next step
+        stop = _agreed_stop(guard.requested, device)  # read once; every rank stops at the same step
         if stop or (every and step % every == 0) or step == max_steps:
             saved_at = save(step)  # at the end too, so a failure in the final evaluation loses no step
         if stop:
@@ -221,7 +249,8 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
     bar.close()
     final_eval, final_detail = run_eval(max_steps)
     if rc.eval.generate:
-        final_eval |= generation_eval(rc, run, run_dir, device, tracker)
+        with gathered(model):
+            final_eval |= generation_eval(rc, run, run_dir, device, tracker)
     convergence = run_convergence(
         rc,
         run,
@@ -232,16 +261,15 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         sampler.batch_size == len(run.train),
     )
     if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
-        from prefopt.models import save_checkpoint as export_model
-
-        export_model(run.policy, run.tokenizer, run_dir / "checkpoint", rc.model.lora.save_merged)
+        _export_policy(run, rc, run_dir / "checkpoint")
     evaluation = {
         "history": state.history,
         "final": {**final_eval, **final_detail},
         "reference": {**state.reference_eval, **state.reference_detail},
         "task": task_record(run.task),
     }
-    (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=1))
+    if world().is_main:
+        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=1))
     return {
         "status": "completed",
         "objective": rc.objective_name,
@@ -266,8 +294,9 @@ def _max_norm(trainer) -> float:
     return trainer.max_grad_norm if trainer.max_grad_norm is not None else float("inf")
 
 
-def _forward_backward(run, examples, trainer, step: int, device, autocast) -> tuple[dict, int]:
-    """Loss and gradients of one optimizer step's pairs, in micro-batches: (mean metrics, real tokens)."""
+def _forward_backward(model, run, examples, trainer, step: int, device, autocast) -> tuple[dict, int]:
+    """Loss and gradients of one optimizer step's pairs, in micro-batches: (global mean metrics, global
+    real tokens). Under torchrun each rank takes its share of the pairs; see `distributed`."""
     from collections import defaultdict
 
     from prefopt.data.batching import make_batch
@@ -275,16 +304,67 @@ def _forward_backward(run, examples, trainer, step: int, device, autocast) -> tu
 
     needs = run.inputs.hparams.requirements()
     micro_size = trainer.micro_batch_size or trainer.batch_size
+    scale = world().size / len(examples)  # the reduction's mean over ranks then is the global mean
     step_sums, tokens = defaultdict(float), 0
-    for micro in examples.split(micro_size):
+    for micro in my_pairs(examples).split(micro_size):
         batch = make_batch(run.table, run.train, micro, run.kl_side, needs.mismatched)
         with autocast():
-            loss_sum, sums = pair_loss(run.policy, batch, run.inputs, step - 1, device)
-        (loss_sum / len(examples)).backward()  # mean over the step's pairs, however it is split
+            loss_sum, sums = model(pair_loss, run.policy, batch, run.inputs, step - 1, device)
+        (loss_sum * scale).backward()  # mean over the step's pairs, however they are split
         for name, value in sums.items():
-            step_sums[name] += value / len(examples)
+            step_sums[name] += value
         tokens += int(batch.rows.attention_mask.sum())
-    return step_sums, tokens
+    totals = sum_floats({**step_sums, "_tokens": tokens}, device)
+    tokens = int(totals.pop("_tokens"))
+    return defaultdict(float, {name: value / len(examples) for name, value in totals.items()}), tokens
+
+
+def _strategy(trainer) -> str:
+    return "fsdp" if trainer.strategy == "auto" else trainer.strategy
+
+
+def _check_divisible(pairs_per_step: int, trainer) -> None:
+    """Every rank must run the same number of forward passes (they meet in collectives)."""
+    size = world().size
+    micro = trainer.micro_batch_size or trainer.batch_size
+    if size > 1 and (pairs_per_step % size or (pairs_per_step // size) % min(micro, pairs_per_step // size)):
+        raise ValueError(
+            f"trainer.batch_size: {pairs_per_step} pairs per step do not split evenly over {size} ranks "
+            f"in micro-batches of {micro} (trainer.micro_batch_size); choose a multiple"
+        )
+
+
+def _agreed_stop(requested: str | None, device) -> str | None:
+    """A signal seen by any rank stops every rank after the same step."""
+    if world().distributed:
+        return None if all_true(requested is None, device) else (requested or "SIGTERM")
+    return requested
+
+
+def _speed_up(policy, trainer) -> None:
+    """trainer.gradient_checkpointing (recompute each layer in backward) and trainer.compile (the decoder,
+    in place, dynamic shapes: packed rows vary in length)."""
+    if trainer.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if trainer.compile:
+        policy.get_decoder().compile(dynamic=True)
+
+
+def _export_policy(run, rc: RunConfig, directory: Path) -> None:
+    """The final policy in Hugging Face format; under FSDP2 gathered to rank 0, which writes it."""
+    from prefopt.models import save_checkpoint as export_model
+
+    if not world().distributed:
+        export_model(run.policy, run.tokenizer, directory, rc.model.lora.save_merged)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(run.policy, options=options)  # collective: every rank takes part
+    if world().is_main:
+        run.policy.save_pretrained(directory, state_dict=full, safe_serialization=True)
+        run.tokenizer.save_pretrained(directory)
+    barrier()
 
 
 def _digest(tensor) -> str | None:
@@ -298,8 +378,7 @@ def _configure_torch(rc: RunConfig):
 
     from prefopt.training.seeding import seed_everything
 
-    name = rc.trainer.device
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = device_for(rc.trainer.device, init_from_environment(rc.trainer.device))
     if device.type == "cpu":
         torch.set_num_threads(rc.trainer.num_threads)  # fixed: results depend on the thread count
         torch.use_deterministic_algorithms(True)
@@ -347,12 +426,29 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def _log_rank_to_own_file(run_dir: Path, rank: int) -> None:
+    """Ranks other than 0 log to train.rank<r>.log, and only warnings to the terminal."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.WARNING)
+    own = logging.FileHandler(run_dir / f"train.rank{rank}.log")
+    own.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(own)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    current = init_from_environment(str(cfg.trainer.device))  # under torchrun: join the process group
+    run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir))  # rank 0's, on every rank
+    if not current.is_main:
+        _log_rank_to_own_file(run_dir, current.rank)
     try:
         rc = load_run_config(cfg)  # fails fast, before any model is built
         with logging_redirect_tqdm():  # log lines print above the progress bars
