@@ -243,6 +243,7 @@ class Packing:
 
     mode: bool | str = "auto"  # auto: pack when `supports_packing` says so, else pad | True | False
     pack_tokens: int | None = None  # tokens per packed row; None: the longest sequence of the batch
+    width_multiple: int = 1  # packed rows' width rounded up to this (64 under trainer.compile)
 
     def packs(self, model, device) -> bool:
         return self.mode is not False and self._support(model, device).layout is not None
@@ -255,7 +256,8 @@ class Packing:
         if support.layout is None:
             return rows
         one_row = support.layout == "one_row"  # one row holds the batch: attention never spans rows
-        return pack(rows, int(rows.attention_mask.sum()) if one_row else self.pack_tokens)
+        budget = int(rows.attention_mask.sum()) if one_row else self.pack_tokens
+        return pack(rows, budget, self.width_multiple)
 
     def _support(self, model, device) -> PackingSupport:
         support = supports_packing(model, device)

@@ -109,3 +109,27 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="trainer.micro_batch_size"):
         train._check_divisible(8, TrainerConfig(batch_size=8, micro_batch_size=3))
     train._check_divisible(8, TrainerConfig(batch_size=8, micro_batch_size=2))
+
+
+def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypatch):
+    """hydra/launcher=slurm with tasks_per_node > 1: each task is a rank (no torchrun on the node)."""
+    from prefopt.training.distributed import export_slurm_environment
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+    }
+    slurm |= {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NODEID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert export_slurm_environment()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not export_slurm_environment()  # one task: a single process

@@ -183,7 +183,9 @@ def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, 
 
     closed = []
     finish = Tracker.finish
-    monkeypatch.setattr(Tracker, "finish", lambda self, exit_code=0, **kw: closed.append(exit_code) or finish(self))
+    monkeypatch.setattr(
+        Tracker, "finish", lambda self, exit_code=0, **kw: closed.append(exit_code) or finish(self)
+    )
     with pytest.raises(ReferenceFitError, match="trainer.reference_fit.max_steps"):
         run_training(tmp_path, "trainer.reference_fit.max_steps=3", "trainer.reference_fit.max_kl=1e-6")
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -58,10 +58,11 @@ def best_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def pack(rows, budget: int | None = None) -> PackedSequences:
+def pack(rows, budget: int | None = None, width_multiple: int = 1) -> PackedSequences:
     """Pack right-padded rows (`PaddedSequences`) into rows of at most `budget` tokens (None: the longest
     sequence, so no row is wider than the padded ones), best fit decreasing; sequence order is kept in the
-    per-sequence fields."""
+    per-sequence fields. The rows' width is rounded up to `width_multiple` (a compiled decoder then sees
+    few distinct shapes)."""
     lengths = rows.attention_mask.sum(-1)  # (R,)
     sizes = lengths.tolist()
     bins = best_fit_decreasing(sizes, max(sizes) if budget is None else budget)
@@ -73,7 +74,7 @@ def pack(rows, budget: int | None = None) -> PackedSequences:
             sequence_row[i], sequence_start[i] = g, start
             start += sizes[i]
         used.append(start)
-    width = max(used)
+    width = -(-max(used) // width_multiple) * width_multiple
     # Every real token: its sequence s and offset t, copied to (row of s, start of s + t).
     sequence = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)  # (N,)
     offset = torch.arange(len(sequence), device=device) - (lengths.cumsum(0) - lengths)[sequence]  # (N,)

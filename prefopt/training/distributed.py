@@ -3,7 +3,8 @@
 
 Nothing here branches on the objective. With one process (no `torchrun`) every function is the identity,
 so the single-device loop is the same code. Under `torchrun` the launcher sets RANK / WORLD_SIZE /
-LOCAL_RANK; `trainer.strategy` picks how the weights are shared:
+LOCAL_RANK (a multi-task SLURM step gets them from its SLURM variables, through submitit);
+`trainer.strategy` picks how the weights are shared:
 
     fsdp   FSDP2: each decoder layer its own unit, the rest (embeddings, final norm, lm_head, the value
            head) the root unit; parameters, gradients and optimizer state sharded across ranks
@@ -49,8 +50,23 @@ def world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def export_slurm_environment() -> bool:
+    """A task of a multi-task SLURM job step (`hydra/launcher=slurm` with `tasks_per_node` > 1, through
+    submitit): set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables, as
+    torchrun would. Returns whether it did."""
+    in_submitit = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+    if not in_submitit or "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # devices are cuda:LOCAL_RANK
+    return True
+
+
 def init_from_environment(device_name: str) -> World:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a no-op without it."""
+    """Join the process group torchrun (or a multi-task SLURM step) describes: gloo on CPU, nccl on
+    CUDA; a no-op in a single process."""
+    export_slurm_environment()
     size = int(os.environ.get("WORLD_SIZE", 1))
     if size <= 1 or dist.is_initialized():
         return world()

@@ -30,6 +30,7 @@ from prefopt.training.reference_fit import cache_key, check_fit, fit_reference, 
 from prefopt.training.step import LossInputs
 
 log = logging.getLogger(__name__)
+COMPILED_WIDTH_MULTIPLE = 64  # packed row widths under trainer.compile: few shapes, few recompilations
 
 
 @dataclass
@@ -96,7 +97,12 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     elif kl_estimator == "samples":
         kl_side = _reference_samples(reference, table, rc.objective.kl_samples_per_prompt, rc.seed, device)
 
-    chunk, packing = rc.trainer.logps_chunk_tokens, Packing(rc.trainer.packing, rc.trainer.pack_tokens)
+    chunk, packing = (
+        rc.trainer.logps_chunk_tokens,
+        Packing(
+            rc.trainer.packing, rc.trainer.pack_tokens, COMPILED_WIDTH_MULTIPLE if rc.trainer.compile else 1
+        ),
+    )
     reference_logps, reference_cache = cached_reference_logps(
         reference,
         table,

@@ -345,7 +345,11 @@ def _speed_up(policy, trainer) -> None:
     """trainer.gradient_checkpointing (recompute each layer in backward) and trainer.compile (the decoder,
     in place, dynamic shapes: packed rows vary in length)."""
     if trainer.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if trainer.compile:
         policy.get_decoder().compile(dynamic=True)
 
