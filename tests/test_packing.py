@@ -419,8 +419,8 @@ def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monke
 
     rows_per_sequence = []
 
-    def counting_pack(rows, budget=None):
-        packed = pack(rows, budget)
+    def counting_pack(rows, budget=None, width_multiple=1):
+        packed = pack(rows, budget, width_multiple)
         rows_per_sequence.append(len(packed.input_ids) / packed.num_sequences)
         return packed
 
