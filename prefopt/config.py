@@ -89,7 +89,12 @@ class TrainerConfig:
     keep_last_checkpoints: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
     resume: str | None = None  # auto (newest intact checkpoint in the run dir) | a checkpoint or run dir path
     resume_allow_changes: list[str] = field(
-        default_factory=lambda: ["trainer.max_steps", "trainer.checkpoint_every_steps", "logger"]
+        default_factory=lambda: [
+            "trainer.max_steps",
+            "trainer.checkpoint_every_steps",
+            "trainer.strategy",
+            "logger",
+        ]
     )  # config keys (or prefixes) a resumed run may change
     max_bad_steps: int = 5  # consecutive non-finite loss or gradient steps (each skipped) that stop the run
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])

@@ -324,3 +324,31 @@ def test_a_lora_checkpoint_holds_only_the_adapter_and_resumes_exactly(tmp_path):
         k for k in read_state(checkpoint_dir(tmp_path / "whole", 6))["tensor_keys"] if k.startswith("model.")
     ]
     assert weights and all("lora_" in k for k in weights)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    calls = []
+
+    class Run(BrokenWandbRun):
+        def log(self, *args, **kwargs):
+            pass
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        run = Run()
+        run.id = kwargs["id"] or "run-7"
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    overrides = [
+        "logger=wandb",
+        "logger.mode=offline",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every_steps=3",
+    ]
+    run_training(tmp_path, *overrides)
+    (tmp_path / "summary.json").unlink()
+    run_training(tmp_path, *overrides, "trainer.resume=auto")
+    assert [(c["id"], c["resume"]) for c in calls] == [(None, None), ("run-7", "allow")]
