@@ -1,0 +1,273 @@
+"""DPO throughput: prefopt against TRL's DPOTrainer on the same model, pairs and batches (`make bench`).
+
+    python benchmarks/dpo_throughput.py                         # CPU: 5.5 M random Llama; GPU: 1B shape
+    python benchmarks/dpo_throughput.py --steps 10 --repeats 1  # a quick look
+    python benchmarks/dpo_throughput.py --packing auto,false    # prefopt packed and padded
+    python benchmarks/dpo_throughput.py --check-losses          # only the equal-results check (20 steps)
+
+One random Llama is saved with save_pretrained and both tools load it; the pairs (fixed or variable lengths,
+one seeded generator) are prefopt's `dataset=preference` files and, in the order prefopt's sampler draws
+them, TRL's sequentially read rows, so every step of every run trains on the same pairs. Each
+configuration runs in its own process on one thread (`benchmarks/dpo_runs.py`), the tools interleaved within
+each repeat so machine noise falls on all of them; the table gives medians over repeats. Prints one
+Markdown table and writes it to benchmarks/results/<date>-<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dpo_data  # benchmarks/ is on sys.path: this file runs as a script
+import dpo_report
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str  # row label
+    tool: str  # prefopt | trl
+    variant: str  # prefopt: trainer.packing (auto | false); trl: default | precompute
+    lengths: str  # fixed | variable
+
+
+def configs(lengths: list[str], packing: list[str]) -> list[Config]:
+    """Per length setting: prefopt (each packing mode), TRL default, TRL with precomputed reference logps."""
+    label = {"auto": "prefopt", "false": "prefopt, padded (packing=false)"}
+    out = []
+    for length in lengths:
+        out += [Config(label[mode], "prefopt", mode, length) for mode in packing]
+        out += [Config("TRL default", "trl", "default", length)]
+        out += [Config("TRL precompute_ref_log_probs", "trl", "precompute", length)]
+    return out
+
+
+def prepare_workspace(shape: dpo_data.Shape, steps: int, seed: int, root: Path) -> dict:
+    """The saved model, and per length setting the data files, TRL's rows and each step's pairs."""
+    params = dpo_data.save_random_llama(shape, root / "model", seed)
+    count = steps * shape.pairs_per_step  # one epoch: every pair once
+    data = {"params": params}
+    for lengths in dpo_data.LENGTHS:
+        train = dpo_data.make_pairs(shape, lengths, count, seed)
+        held_out = dpo_data.make_pairs(shape, lengths, 1, seed + 1)  # prefopt's final evaluation reads it
+        order = dpo_data.batch_order(len(train), shape.pairs_per_step, steps, seed)
+        dpo_data.write_dataset(root / lengths, train, held_out)
+        (root / lengths / "trl_rows.json").write_text(json.dumps(dpo_data.trl_rows(train, order)))
+        data[lengths] = {
+            "step_tokens": dpo_data.step_tokens(train, order),
+            "step_flops": dpo_data.step_flops(shape, train, order),
+        }
+    return data
+
+
+def run_one(config: Config, repeat: int, args, shape: dpo_data.Shape, root: Path, device: str) -> dict:
+    run_dir = root / "runs" / f"{config.tool}-{config.variant}-{config.lengths}-r{repeat}"
+    run_dir.mkdir(parents=True)
+    spec = {
+        **asdict(config),
+        "packing": config.variant,
+        "shape": asdict(shape),
+        "steps": args.steps,
+        "lr": args.lr,
+        "beta": args.beta,
+        "seed": args.seed,
+        "device": device,
+        "model": str(root / "model"),
+        "data": str(root / config.lengths),
+        "trl_rows": str(root / config.lengths / "trl_rows.json"),
+        "run_dir": str(run_dir),
+        "out": str(run_dir / "result.json"),
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(run_dir / "hf-datasets"),  # no run reuses another's tokenized data
+        "PREFOPT_CACHE": str(run_dir / "prefopt-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "CI": "true",  # no progress bars
+    }
+    with open(run_dir / "log.txt", "w") as log:
+        done = subprocess.run(
+            [sys.executable, str(HERE / "dpo_runs.py"), str(run_dir / "spec.json")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode != 0:
+        tail = (run_dir / "log.txt").read_text().splitlines()[-30:]
+        raise SystemExit(
+            f"{config} failed (exit {done.returncode}); {run_dir}/log.txt ends:\n" + "\n".join(tail)
+        )
+    for heavy in ("prefopt", "trl", "hf-datasets", "prefopt-cache"):  # checkpoints: GBs at the 1B shape
+        shutil.rmtree(run_dir / heavy, ignore_errors=True)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def measure(record: dict, data: dict, warmup_steps: int, peak_flops: float | None) -> dict:
+    """One run's numbers: steady-state medians over the steps after `warmup_steps`, by wall and CPU time."""
+    steady = range(max(warmup_steps, 1), len(record["step_ends"]))  # step k + 1 ends at ends[k]
+    tokens = data["step_tokens"]
+
+    def seconds(ends: list[float]) -> list[float]:
+        return [ends[k] - ends[k - 1] for k in steady]
+
+    wall, cpu = seconds(record["step_ends"]), seconds(record["step_cpu_ends"])
+    out = {
+        "tokens_per_s": statistics.median(tokens[k] / s for k, s in zip(steady, wall)),
+        "tokens_per_cpu_s": statistics.median(tokens[k] / s for k, s in zip(steady, cpu)),
+        "padding_share": 1 - sum(tokens[: len(record["step_ends"])]) / record["positions"],
+        "packed": record["packed_forwards"] == record["forwards"] > 0,
+        "peak_memory_bytes": record["peak_memory_bytes"],
+        "end_to_end_s": record["end_to_end_s"],
+        "end_to_end_cpu_s": record["end_to_end_cpu_s"],
+        "losses": record["losses"],
+    }
+    if peak_flops:
+        out["mfu"] = statistics.median(data["step_flops"][k] / s / peak_flops for k, s in zip(steady, wall))
+    return out
+
+
+def median_over_repeats(runs: list[dict]) -> dict:
+    keys = ["tokens_per_s", "tokens_per_cpu_s", "padding_share", "peak_memory_bytes", "end_to_end_s"]
+    keys += ["end_to_end_cpu_s", "mfu"]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys if k in runs[0]}
+    return out | {"packed": runs[0]["packed"], "losses": runs[0]["losses"], "repeats": len(runs)}
+
+
+def environment(device: str, shape: dpo_data.Shape, args, params: int) -> dict:
+    import torch
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = "not installed"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE
+    ).stdout.strip()
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        import psutil
+
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+        name = f"CPU ({model}, {psutil.cpu_count()} cores), 1 thread per run"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": name,
+        "device_slug": "cpu" if device == "cpu" else name.lower().replace(" ", "-"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl_version,
+        "prefopt": commit.stdout.strip() + (" (with uncommitted changes)" if dirty else ""),
+        "python": sys.version.split()[0],
+        "shape": shape,
+        "params": params,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "repeats": args.repeats,
+        "lr": args.lr,
+        "beta": args.beta,
+        "peak_tflops": args.peak_tflops,
+    }
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(dpo_data.SHAPES), help="default: gpu-1b on CUDA, else cpu")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run (one epoch of its pairs)")
+    ap.add_argument("--warmup-steps", type=int, default=4, help="first steps left out of the steady state")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--lengths", default="fixed,variable", help="fixed, variable or both")
+    ap.add_argument(
+        "--packing", default="auto", help="prefopt's trainer.packing values to run: auto, false or both"
+    )
+    ap.add_argument("--lr", type=float, default=1e-4, help="constant learning rate, no warm-up, both tools")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--check-losses",
+        action="store_true",
+        help="only the equal-results check: prefopt and TRL default, 20 steps, one repeat",
+    )
+    ap.add_argument(
+        "--loss-atol",
+        type=float,
+        help=f"default: {dpo_report.LOSS_ATOL} (fp32), bf16 on a GPU: {dpo_report.LOSS_ATOL_BF16}",
+    )
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    ap.add_argument("--results", type=Path, default=HERE / "results", help="where the table is written")
+    ap.add_argument(
+        "--workdir", type=Path, help="keep the model, data and run logs here (default: a temp dir)"
+    )
+    args = ap.parse_args(argv)
+    if args.check_losses:
+        args.steps, args.repeats, args.packing = 20, 1, "auto"
+    if args.steps <= args.warmup_steps:
+        ap.error("--steps must exceed --warmup-steps")
+    return args
+
+
+def main(argv=None) -> None:
+    import torch
+
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = dpo_data.SHAPES[args.shape or ("gpu-1b" if device == "cuda" else "cpu")]
+    lengths, packing = args.lengths.split(","), args.packing.split(",")
+    todo = configs(lengths, packing)
+    if args.check_losses:
+        todo = [c for c in todo if c.variant in ("auto", "default")]
+    if args.loss_atol is None:
+        args.loss_atol = dpo_report.LOSS_ATOL_BF16 if device == "cuda" else dpo_report.LOSS_ATOL
+    load_before = os.getloadavg()[0]
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    data = prepare_workspace(shape, args.steps, args.seed, root)
+    peak_flops = args.peak_tflops * 1e12 if device == "cuda" else None
+    runs: dict[Config, list[dict]] = {c: [] for c in todo}
+    for repeat in range(1, args.repeats + 1):
+        for config in todo:  # interleaved: one run of every configuration per repeat
+            record = run_one(config, repeat, args, shape, root, device)
+            result = measure(record, data[config.lengths], args.warmup_steps, peak_flops)
+            runs[config].append(result)
+            print(
+                f"[repeat {repeat}/{args.repeats}] {config.name}, {config.lengths}: "
+                f"{result['tokens_per_s']:.0f} tokens/s, end to end {result['end_to_end_s']:.1f} s",
+                flush=True,
+            )
+    if args.workdir is None:
+        shutil.rmtree(root)
+    summary = {c: median_over_repeats(r) for c, r in runs.items()}
+    env = environment(device, shape, args, data["params"])
+    env["load"] = (load_before, os.getloadavg()[0])
+    report = dpo_report.render(env, summary, args.loss_atol, device)
+    print(report)
+    if not args.check_losses:
+        args.results.mkdir(parents=True, exist_ok=True)
+        path = args.results / f"{env['date']}-{env['device_slug']}.md"
+        path.write_text(report)
+        print(f"written to {path}")
+    if not dpo_report.losses_agree(summary, args.loss_atol):
+        raise SystemExit("the losses differ beyond the tolerance (see the table)")
+
+
+if __name__ == "__main__":
+    main()
