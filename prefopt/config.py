@@ -102,6 +102,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the decoder (dynamic shapes)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
     fused_optimizer: bool | None = None  # fused AdamW kernel; None: on CUDA
+    param_dtype: str | None = None  # FSDP2 compute weights (bfloat16) over fp32 master shards; None: as is
     reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
 
 
@@ -344,7 +345,10 @@ def _check_trainer(trainer: TrainerConfig) -> None:
         "max_bad_steps": trainer.max_bad_steps >= 1,
         "preemption_signals": all(name in _SIGNALS for name in trainer.preemption_signals),
         "strategy": trainer.strategy in ("auto", "fsdp", "ddp", "single"),
+        "param_dtype": trainer.param_dtype in (None, "bfloat16", "float16")
+        and (trainer.param_dtype is None or trainer.strategy in ("fsdp", "auto")),
     }
     expected = {"precision": "auto | fp32 | bf16", "optimizer": "adamw | rmsprop"}
     expected["packing"] = "auto | true | false"
+    expected["param_dtype"] = "null, or bfloat16 | float16 with trainer=fsdp (FSDP2 mixed precision)"
     _check("trainer", trainer, checks, expected)

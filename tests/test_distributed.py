@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, read_jsonl
+import torch
+from conftest import FAST, ROOT, read_jsonl, run_training
 
 from prefopt.training.checkpoint import checkpoint_dir
 from prefopt.training.distributed import World, my_pairs, my_share
@@ -41,6 +42,10 @@ def prefopt(run_dir: Path, *overrides: str, processes: int = 1) -> None:
     env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in train_records(run_dir)]
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -90,8 +95,6 @@ def test_two_ranks_with_ddp_take_the_steps_of_one_process(tmp_path):
 
 
 def test_each_rank_takes_an_equal_contiguous_share_of_the_steps_pairs():
-    import torch
-
     examples = torch.arange(8)
     shares = [my_pairs(examples, World(rank, 2)).tolist() for rank in range(2)]
     assert shares == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -133,3 +136,23 @@ def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypat
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.delenv("WORLD_SIZE")
     assert not export_slurm_environment()  # one task: a single process
+
+
+def test_bf16_compute_weights_over_fp32_master_shards_in_one_process(tmp_path):
+    """trainer=fsdp trainer.param_dtype=bfloat16 without torchrun: FSDP2 over a one-rank group computes
+    in bf16 (losses near, not equal to, fp32's) while the optimizer's weights and checkpoints stay fp32."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    steps = ["trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.checkpoint_every_steps=6"]
+    run_training(tmp_path / "fp32", *steps)
+    run_training(tmp_path / "bf16", *steps, "trainer=fsdp", "trainer.param_dtype=bfloat16")
+    fp32, bf16 = (losses(tmp_path / name) for name in ("fp32", "bf16"))
+    assert bf16 == pytest.approx(fp32, abs=2e-2) and bf16 != fp32
+    state = next((checkpoint_dir(tmp_path / "bf16", 6) / "state").glob("*.safetensors"))
+    with safe_open(str(state), framework="pt") as handle:
+        weights = [handle.get_tensor(k) for k in handle.keys() if k.startswith("model.")]  # noqa: SIM118
+    assert weights and all(w.dtype == torch.float32 for w in weights)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "checkpoint")
+    assert next(model.parameters()).dtype == torch.float32
+    assert not torch.distributed.is_initialized()  # the one-rank group is gone with the run

@@ -145,26 +145,61 @@ class TrainableModules(nn.ModuleDict):
         return fn(*args, **kwargs)
 
 
-def wrap(trainable: TrainableModules, strategy: str, device) -> nn.Module:
-    """`trainable` as the loop calls it: FSDP2-sharded in place (the same object), DDP-wrapped, or as is."""
+def wrap(trainable: TrainableModules, strategy: str, device, param_dtype: str | None = None) -> nn.Module:
+    """`trainable` as the loop calls it: FSDP2-sharded in place (the same object), DDP-wrapped, or as is.
+    `param_dtype` (FSDP2): compute weights all-gathered in that dtype from fp32 master shards, gradients
+    reduced in fp32; in a single process it shards over a one-rank group to get exactly that."""
+    if strategy == "fsdp" and param_dtype and not dist.is_initialized():
+        _one_rank_group(device)
     current = world()
-    if not current.distributed or strategy == "single":
+    if not dist.is_initialized() or strategy == "single" or (not current.distributed and not param_dtype):
         return trainable
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(trainable, device_ids=ids, find_unused_parameters=False)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, param_dtype) if param_dtype else None,
+        reduce_dtype=torch.float32 if param_dtype else None,
+        cast_forward_inputs=False,  # the inputs are token ids and the loop's own objects, nothing to cast
+    )
     for layer in _decoder_layers(trainable["policy"]):
-        fully_shard(layer)
-    fully_shard(trainable)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(trainable, mp_policy=policy)
     trainable(lambda: None)  # FSDP2 initializes from its root's first forward; evaluation calls layers first
     trainable.reshard()  # the root's sharded parameters back in place, for the optimizer to hold
     layers = len(_decoder_layers(trainable["policy"]))
     log.info("FSDP2: %d decoder layers and the root sharded over %d ranks", layers, current.size)
     return trainable
+
+
+def _one_rank_group(device) -> None:
+    import socket
+
+    with socket.socket() as free:  # a free local port for the one-rank rendezvous
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    _OWN_GROUP.append(True)
+
+
+_OWN_GROUP: list[bool] = []  # a one-rank group this module started (torchrun's is the launcher's)
+
+
+def release_own_group() -> None:
+    """End the one-rank group `wrap` may have started, so the next run in this process starts clean."""
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
+
+
+def sharded() -> bool:
+    """Whether the weights may be FSDP2 shards (any process group is up)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _decoder_layers(policy: nn.Module) -> list[nn.Module]:

@@ -35,6 +35,8 @@ from prefopt.training.distributed import (
     gathered,
     init_from_environment,
     my_pairs,
+    release_own_group,
+    sharded,
     sum_floats,
     world,
     wrap,
@@ -98,7 +100,10 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
             else NullTracker()
         )
         with PreemptionGuard(rc.trainer.preemption_signals) as guard:
-            summary = _train(rc, run_dir, device, tracker, started, plan.checkpoint, guard)
+            try:
+                summary = _train(rc, run_dir, device, tracker, started, plan.checkpoint, guard)
+            finally:
+                release_own_group()
     except BaseException as error:
         if main_process:
             _write_failed_summary(rc, run_dir, error, started)
@@ -162,7 +167,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         trainable["value_head"] = run.inputs.value_head
     run.inputs.packing.packs(run.policy, device)  # probe the decoder once, before any sharding
     _speed_up(run.policy, rc.trainer)
-    model = wrap(trainable, _strategy(rc.trainer), device)  # FSDP2 shards in place; DDP wraps
+    model = wrap(trainable, _strategy(rc.trainer), device, rc.trainer.param_dtype)  # FSDP2 shards in place
     groups = [
         {"params": _trainable(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
     ]
@@ -358,7 +363,7 @@ def _export_policy(run, rc: RunConfig, directory: Path) -> None:
     """The final policy in Hugging Face format; under FSDP2 gathered to rank 0, which writes it."""
     from prefopt.models import save_checkpoint as export_model
 
-    if not world().distributed:
+    if not sharded():
         export_model(run.policy, run.tokenizer, directory, rc.model.lora.save_merged)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
