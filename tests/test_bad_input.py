@@ -247,3 +247,10 @@ def test_cli_hydra_full_error_shows_the_traceback(cli_runs):
     run = cli_runs["load_time_full_error"]
     assert run["rc"] != 0
     assert "Traceback (most recent call last)" in run["stderr"]
+
+
+def test_expo_without_its_kl_term_is_refused_naming_lam():
+    """lam = 0 drops EXPO's regularizer; like beta <= 0 it fails in the config, naming the key."""
+    for lam in ("0", "-0.5"):
+        with pytest.raises(ConfigError, match=r"^objective\.lam: must be > 0"):
+            load_run_config(compose_config("objective=expo", f"objective.lam={lam}"))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefopt.config import ConfigFieldError
 from prefopt.objectives.base import (
     Extras,
     Objective,
@@ -51,8 +52,8 @@ class EXPOConfig(ObjectiveConfig):
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_CHOICES}, got {self.kl_estimator!r}")
         if self.kl_samples_per_prompt < 1:
             raise ValueError(f"kl_samples_per_prompt must be >= 1, got {self.kl_samples_per_prompt}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.lam <= 0:  # lam = 0 drops the KL term: an unregularized objective, not EXPO
+            raise ConfigFieldError("lam", f"must be > 0, got {self.lam}")
 
     def requirements(self) -> Requirements:
         return Requirements(reference=False, kl=True)
