@@ -454,6 +454,9 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from prefopt.progress import route_library_logs
+
+    route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
     current = init_from_environment(str(cfg.trainer.device))  # under torchrun: join the process group
     run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir))  # rank 0's, on every rank
     if not current.is_main:
