@@ -120,9 +120,6 @@ def model_logps(model, rows: Rows, chunk_tokens: int = 2048, packing: Packing | 
     return sequence_logps(model.get_output_embeddings(), hidden_states(model, rows), rows, chunk_tokens)
 
 
-# ---- the fused kernel (optional: Liger, CUDA) ---------------------------------------------------------
-
-
 @functools.cache
 def _liger() -> tuple[object, bool] | None:
     """(Liger's fused linear + cross-entropy, whether its per-token backward is exact) when installed.
@@ -152,9 +149,6 @@ def fused_token_logps(lm_head: nn.Linear, hidden: Tensor, targets: Tensor) -> Te
     logits a chunk at a time and never holds all (n, V) of them."""
     fused, _ = _liger()
     return -fused(hidden, lm_head.weight, targets, bias=lm_head.bias, reduction="none").float()
-
-
-# ---- packing: which models keep packed sequences apart ------------------------------------------------
 
 
 @dataclass(frozen=True)

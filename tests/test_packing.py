@@ -17,7 +17,7 @@ from torch import nn
 
 from prefopt.config import ConfigError, load_run_config
 from prefopt.data.batching import make_batch
-from prefopt.data.packing import PackedSequences, best_fit_decreasing, length_sorted_passes, pack
+from prefopt.data.packing import PackedSequences, best_fit_decreasing, pack, whole_table_passes
 from prefopt.logps import (
     Packing,
     _liger,
@@ -91,11 +91,13 @@ def test_a_budget_caps_the_row_width_except_for_a_longer_sequence():
     assert len(pack(rows, 1000).input_ids) == 1
 
 
-def test_length_sorted_passes_take_the_longest_first_and_pad_to_the_token_budget():
-    """lengths 3 9 4 8 (ids 0-3), 18 padded tokens per pass: 9, 8 -> 2 x 9 = 18; 4, 3 -> 4 x 4 fits."""
-    passes = length_sorted_passes(torch.tensor([3, 9, 4, 8]), 18)
-    assert [p.tolist() for p in passes] == [[1, 3], [2, 0]]
-    assert [p.tolist() for p in length_sorted_passes(torch.tensor([5, 5]), 4)] == [[0], [1]]
+def test_whole_table_passes_sort_padded_ones_and_pack_the_whole_table_for_packed_ones():
+    """lengths 3 9 4 8 5 (ids 0-4), 2 rows per pass. Padded: longest first, 2 per pass: 9 8 | 5 4 | 3.
+    Packed into rows of 9 tokens: 9 fills a row; 8 opens one (room 1); 5 does not fit there and opens
+    one (room 4); 4 fills it; 3 opens a fourth: rows [9] [8] | [5 4] [3], two rows per pass."""
+    lengths = torch.tensor([3, 9, 4, 8, 5])
+    assert [p.tolist() for p in whole_table_passes(lengths, 2, None)] == [[1, 3], [4, 2], [0]]
+    assert [p.tolist() for p in whole_table_passes(lengths, 2, 9)] == [[1, 3], [4, 2, 0]]
 
 
 # ---- the same numbers packed and padded --------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_a_micro_batch_packs_its_pairs_chosen_and_rejected_together():
                 assert rows.input_ids[row, start : start + length].tolist() == expected.input_ids[0].tolist()
 
 
-def test_the_reference_pass_packs_length_sorted_passes_and_matches_padding():
+def test_the_reference_pass_packs_the_whole_table_and_matches_padding():
     model, tokenizer = tiny_model()
     table, ids, rows = packed_table(tokenizer)
     with torch.no_grad():

@@ -102,14 +102,13 @@ def pack(rows, budget: int | None = None, width_multiple: int = 1) -> PackedSequ
     )
 
 
-def length_sorted_passes(lengths: Tensor, tokens_per_pass: int) -> list[Tensor]:
-    """Sequence ids, longest first, in passes that pad to at most `tokens_per_pass` tokens (a pass's count
-    times its first, longest, length; at least one sequence): neighbours in length, so padded passes
-    waste little and packed ones fill their rows."""
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths, passes, at = lengths[order].tolist(), [], 0
-    while at < len(order):
-        count = max(1, tokens_per_pass // sorted_lengths[at])
-        passes.append(order[at : at + count])
-        at += count
-    return passes
+def whole_table_passes(lengths: Tensor, rows_per_pass: int, budget: int | None) -> list[Tensor]:
+    """Sequence ids (S,) in passes of at most `rows_per_pass` rows, for a pass over a whole table. Padded
+    (`budget` None): longest first, so a pass pads to its neighbours in length. Packed: the table packed
+    at once into rows of `budget` tokens (best fit decreasing, which fills rows far better over thousands
+    of sequences than over one pass), `rows_per_pass` of those rows' sequences per pass."""
+    if budget is None:
+        return list(torch.argsort(lengths, descending=True, stable=True).split(rows_per_pass))
+    rows = best_fit_decreasing(lengths.tolist(), budget)
+    groups = [rows[start : start + rows_per_pass] for start in range(0, len(rows), rows_per_pass)]
+    return [torch.tensor([i for row in group for i in row]) for group in groups]

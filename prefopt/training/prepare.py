@@ -14,7 +14,7 @@ from torch import Tensor
 from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
-from prefopt.data.packing import length_sorted_passes
+from prefopt.data.packing import whole_table_passes
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.data.tokenization import render_prompt
@@ -319,10 +319,15 @@ def _all_sequence_logps(
     packing: Packing | None = None,
     rows_per_pass: int = 256,
 ) -> Tensor:
-    """(S,) every table sequence's log-prob: longest first, each pass at most `rows_per_pass` rows of the
-    longest sequence's width in tokens, packed by `packing` (None: auto) where the model allows."""
+    """(S,) every table sequence's log-prob, in passes of at most `rows_per_pass` rows as wide as the
+    longest sequence (or `pack_tokens`): the whole table packed at once where the model packs (`packing`,
+    None: auto), else length-sorted."""
+    from dataclasses import replace
+
     lengths, packing = table.lengths(), packing or Packing()
-    passes = length_sorted_passes(lengths, rows_per_pass * int(lengths.max()))
+    budget = (packing.pack_tokens or int(lengths.max())) if packing.packs(model, device) else None
+    packing = replace(packing, pack_tokens=budget)  # each pass re-packs its rows' sequences, as wide
+    passes = whole_table_passes(lengths, rows_per_pass, budget)
     logps = torch.zeros(len(table), dtype=torch.float32, device=device)
     for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
         logps[part.to(device)] = model_logps(model, table.pad(part).to(device), chunk_tokens, packing)
