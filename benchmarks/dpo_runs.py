@@ -59,6 +59,7 @@ def count_decoder_positions(record: dict) -> None:
 def run_prefopt(spec: dict, record: dict) -> None:
     from hydra import compose, initialize_config_dir
 
+    import prefopt
     from prefopt.config import load_run_config, register_resolvers
     from prefopt.training.train import CONF_DIR, train
 
@@ -91,6 +92,7 @@ def run_prefopt(spec: dict, record: dict) -> None:
         "eval.at_start=false",
         f"eval.eval_every_steps={steps + 1}",
     ]
+    record["prefopt_source"] = str(Path(prefopt.__file__).parent)  # which tree ran
     register_resolvers()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         rc = load_run_config(compose(config_name="train", overrides=overrides))
@@ -146,6 +148,9 @@ def run_trl(spec: dict, record: dict) -> None:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger(__name__).info(
+        "%s %s, started %.2f s ago", spec["tool"], spec["variant"], time.perf_counter() - STARTED
+    )
     import torch
 
     torch.set_num_threads(1)

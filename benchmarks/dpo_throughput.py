@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -147,7 +148,15 @@ def median_over_repeats(runs: list[dict]) -> dict:
     return out | {"packed": runs[0]["packed"], "losses": runs[0]["losses"], "repeats": len(runs)}
 
 
-def environment(device: str, shape: dpo_data.Shape, args, params: int) -> dict:
+def tree_state() -> tuple[str, str]:
+    """(HEAD's short hash, with a note when tracked files differ from it; a digest of those differences)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=HERE).stdout  # noqa: E731
+    diff = git("diff", "HEAD")
+    label = git("rev-parse", "--short", "HEAD").strip() + (" (with uncommitted changes)" if diff else "")
+    return label, hashlib.sha256(diff.encode()).hexdigest()
+
+
+def environment(device: str, shape: dpo_data.Shape, args, params: int, tree: str) -> dict:
     import torch
     import transformers
 
@@ -157,10 +166,6 @@ def environment(device: str, shape: dpo_data.Shape, args, params: int) -> dict:
         trl_version = trl.__version__
     except ImportError:
         trl_version = "not installed"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE
-    ).stdout.strip()
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
@@ -176,7 +181,7 @@ def environment(device: str, shape: dpo_data.Shape, args, params: int) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl_version,
-        "prefopt": commit.stdout.strip() + (" (with uncommitted changes)" if dirty else ""),
+        "prefopt": tree,
         "python": sys.version.split()[0],
         "shape": shape,
         "params": params,
@@ -237,7 +242,7 @@ def main(argv=None) -> None:
         todo = [c for c in todo if c.variant in ("auto", "default")]
     if args.loss_atol is None:
         args.loss_atol = dpo_report.LOSS_ATOL_BF16 if device == "cuda" else dpo_report.LOSS_ATOL
-    load_before = os.getloadavg()[0]
+    load_before, tree_before = os.getloadavg()[0], tree_state()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     data = prepare_workspace(shape, args.steps, args.seed, root)
@@ -256,7 +261,11 @@ def main(argv=None) -> None:
     if args.workdir is None:
         shutil.rmtree(root)
     summary = {c: median_over_repeats(r) for c, r in runs.items()}
-    env = environment(device, shape, args, data["params"])
+    tree_after = tree_state()
+    tree = tree_before[0]
+    if tree_after != tree_before:  # the tree is shared: someone committed or edited while the runs ran
+        tree += f", changed during the runs to {tree_after[0]}: the runs may have measured different code"
+    env = environment(device, shape, args, data["params"], tree)
     env["load"] = (load_before, os.getloadavg()[0])
     report = dpo_report.render(env, summary, args.loss_atol, device)
     print(report)
