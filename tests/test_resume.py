@@ -185,6 +185,17 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one_with_one_warning(
     assert resumed["final_eval"] == first["final_eval"]
 
 
+def test_a_write_killed_midway_leaves_nothing_a_resume_reads_and_is_cleaned_up(tmp_path):
+    run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every_steps=2")
+    half = tmp_path / "checkpoints" / ".step-000006.tmp-999"  # as a SIGKILL during a write leaves it
+    (half / "state").mkdir(parents=True)
+    assert find_checkpoint("auto", tmp_path) == checkpoint_dir(tmp_path, 4)
+    (tmp_path / "summary.json").unlink()
+    run_training(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every_steps=2", "trainer.resume=auto")
+    assert not half.exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
 def test_a_missing_checkpoint_file_is_named(tmp_path):
     run_training(tmp_path, "trainer.max_steps=10", "trainer.checkpoint_every_steps=10")
     state = checkpoint_dir(tmp_path, 10) / "trainer_state.json"

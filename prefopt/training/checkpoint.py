@@ -150,7 +150,8 @@ def _finish(staging: Path, final: Path, tensors, aliases, optimizer_values, sche
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
-    for old in _step_dirs(run_dir)[keep_last:]:
+    """Keep the newest `keep_last`; drop staging dirs a killed write left behind."""
+    for old in [*_step_dirs(run_dir)[keep_last:], *(run_dir / CHECKPOINTS).glob(".step-*.tmp-*")]:
         shutil.rmtree(old, ignore_errors=True)
 
 
