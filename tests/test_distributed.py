@@ -118,8 +118,9 @@ def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypat
     """hydra/launcher=slurm with tasks_per_node > 1: each task is a rank (no torchrun on the node)."""
     from prefopt.training.distributed import export_slurm_environment
 
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so teardown restores what the export below sets
+        monkeypatch.delenv(name)
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "4242",
