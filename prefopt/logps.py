@@ -73,10 +73,49 @@ def _chunked(fn, chunk_tokens: int, *tensors: Tensor) -> Tensor:
     return torch.cat(pieces) if pieces else tensors[0].new_zeros(0)
 
 
+class _LinearLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] for one chunk, without keeping the (n, V) logits for backward.
+
+    Backward recomputes the logits once: d lp / d logits = onehot(target) - softmax, so with g the
+    upstream gradient, grad_h = (g (onehot - p)) W and grad_W = (g (onehot - p))^T h. Three matmuls of
+    the chunk against the vocabulary in all, where checkpointing the plain code costs four."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        logits = F.linear(hidden, weight, bias).float()  # (n, V), in autocast's dtype when it is on
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):  # the forward's numerics
+            raw = F.linear(hidden, weight, bias)
+        logits = raw.float()
+        d_logits = torch.exp(logits.sub_(lse[:, None])).mul_(-grad[:, None])  # -g p   (n, V)
+        d_logits[torch.arange(len(targets), device=targets.device), targets] += grad  # + g onehot
+        d_logits = d_logits.to(raw.dtype)
+        d_hidden = (d_logits @ weight.to(raw.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        d_weight = (d_logits.T @ hidden.to(raw.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        d_bias = d_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return d_hidden, d_weight, d_bias, None
+
+
 def token_logps(lm_head, hidden: Tensor, targets: Tensor, chunk_tokens: int = 2048) -> Tensor:
-    """log pi(target | h) (n,) fp32 for hidden states (n, D): fused when `fused_kernel_applies`."""
+    """log pi(target | h) (n,) fp32 for hidden states (n, D): fused when `fused_kernel_applies`; for a
+    plain linear head, chunk by chunk through `_LinearLogps`; else checkpointed chunks of the head."""
     if fused_kernel_applies(lm_head, hidden):
         return fused_token_logps(lm_head, hidden, targets)
+    if type(lm_head) is nn.Linear and torch.is_grad_enabled():
+        pieces = [
+            _LinearLogps.apply(h, lm_head.weight, lm_head.bias, t)
+            for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+        ]
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     return _chunked(lambda h, t: _chunk_logps(lm_head, h, t), chunk_tokens, hidden, targets)
 
 

@@ -317,13 +317,16 @@ def _all_sequence_logps(
     chunk_tokens: int,
     device,
     packing: Packing | None = None,
-    rows_per_pass: int = 256,
+    rows_per_pass: int | None = None,
 ) -> Tensor:
     """(S,) every table sequence's log-prob, in passes of at most `rows_per_pass` rows as wide as the
     longest sequence (or `pack_tokens`): the whole table packed at once where the model packs (`packing`,
-    None: auto), else length-sorted."""
+    None: auto), else length-sorted. `rows_per_pass` None: 16 on CPU, where passes that stay in cache
+    run faster (9k against 6k tokens/s for 256 rows, 5.5 M-parameter Llama, 1 thread), 256 elsewhere."""
     from dataclasses import replace
 
+    if rows_per_pass is None:
+        rows_per_pass = 16 if torch.device(device).type == "cpu" else 256
     lengths, packing = table.lengths(), packing or Packing()
     budget = (packing.pack_tokens or int(lengths.max())) if packing.packs(model, device) else None
     packing = replace(packing, pack_tokens=budget)  # each pass re-packs its rows' sequences, as wide
