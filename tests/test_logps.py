@@ -292,3 +292,30 @@ def test_make_batch_side_rows_and_groups_point_at_the_right_sequences():
     assert [batch_prompts[g] for g in batch.example_groups.tolist()] == split.prompts[examples].tolist()
     assert batch.sequence_ids[batch.mismatched_rows].tolist() == split.mismatched[examples].tolist()
     assert len(set(batch.sequence_ids.tolist())) == len(batch.sequence_ids)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_linear_head_function_gives_autograds_logps_and_gradients(bias):
+    """token_logps on a plain nn.Linear (chunks of 7; backward recomputes each chunk's logits) against
+    plain autograd through log_softmax over the whole vocabulary: the same values and gradients."""
+    from prefopt.logps import token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).double()
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    upstream = torch.randn(23, dtype=torch.float64)
+
+    def gradients(logps):
+        (logps * upstream).sum().backward()
+        grads = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+        hidden.grad = None
+        head.zero_grad()
+        return grads
+
+    ours = token_logps(head, hidden, targets, chunk_tokens=7)
+    our_grads = gradients(ours)
+    plain = head(hidden).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(ours.double(), plain, rtol=0, atol=1e-6)  # fp32 out, like every lm_head
+    for mine, theirs in zip(our_grads, gradients(plain.float())):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
