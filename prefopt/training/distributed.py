@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -240,3 +241,42 @@ def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     for g in local:
         g.mul_(coefficient.to(g.dtype))
     return float(total)
+
+
+def strategy_of(trainer) -> str:
+    return "fsdp" if trainer.strategy == "auto" else trainer.strategy
+
+
+def check_divisible(pairs_per_step: int, trainer) -> None:
+    """Every rank must run the same number of forward passes (they meet in collectives)."""
+    size = world().size
+    micro = trainer.micro_batch_size or trainer.batch_size
+    if size > 1 and (pairs_per_step % size or (pairs_per_step // size) % min(micro, pairs_per_step // size)):
+        raise ValueError(
+            f"trainer.batch_size: {pairs_per_step} pairs per step do not split evenly over {size} ranks "
+            f"in micro-batches of {micro} (trainer.micro_batch_size); choose a multiple"
+        )
+
+
+def agreed_stop(requested: str | None, device) -> str | None:
+    """A signal seen by any rank stops every rank after the same step."""
+    if world().distributed:
+        return None if all_true(requested is None, device) else (requested or "SIGTERM")
+    return requested
+
+
+def export_policy(run, rc, directory: Path) -> None:
+    """The final policy in Hugging Face format; under FSDP2 gathered to rank 0, which writes it."""
+    from prefopt.models import save_checkpoint as export_model
+
+    if not sharded():
+        export_model(run.policy, run.tokenizer, directory, rc.model.lora.save_merged)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(run.policy, options=options)  # collective: every rank takes part
+    if world().is_main:
+        run.policy.save_pretrained(directory, state_dict=full, safe_serialization=True)
+        run.tokenizer.save_pretrained(directory)
+    barrier()

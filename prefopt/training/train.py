@@ -8,7 +8,6 @@ and resumed with `trainer.resume=auto` takes the same steps as one never interru
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,16 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.config import ConfigError, RunConfig, load_run_config
 from prefopt.training.distributed import (
     TrainableModules,
-    all_true,
-    barrier,
+    agreed_stop,
     broadcast_object,
+    check_divisible,
     clip_grad_norm,
-    device_for,
+    export_policy,
     gathered,
     init_from_environment,
     my_pairs,
     release_own_group,
-    sharded,
+    strategy_of,
     sum_floats,
     world,
     wrap,
@@ -51,26 +50,18 @@ from prefopt.training.loop_state import (
 from prefopt.training.preemption import Preempted, PreemptionGuard
 from prefopt.training.resume import RunDirInUse, plan_resume
 from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
+from prefopt.training.setup import (
+    OPTIMIZERS,
+    autocast_for,
+    configure_torch,
+    max_grad_norm,
+    speed_up,
+    trainable_params,
+)
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 __all__ = ["NonFiniteTraining", "RunDirInUse", "main", "train"]
-
-
-def _adamw(groups, cfg, device):
-    import torch
-
-    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type == "cuda"
-    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), fused=fused or None)
-
-
-def _rmsprop(groups, cfg, device):
-    import torch
-
-    return torch.optim.RMSprop(groups)  # HPO's (lr and weight decay come from the groups)
-
-
-OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (groups, cfg, device) -> optimizer
 
 
 def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
@@ -91,7 +82,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     started = time.perf_counter()
     tracker = None
     try:
-        device = _configure_torch(rc)
+        device = configure_torch(rc)
         kept = _kept_records(plan.checkpoint, saved) if saved else ([] if plan.restart else None)
         wandb_id = saved.get("wandb_id") if saved else None
         tracker = (
@@ -154,7 +145,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
     from prefopt.training.prepare import prepare
     from prefopt.training.seeding import seed_everything
 
-    autocast = _autocast(rc.trainer.precision, device)
+    autocast = autocast_for(rc.trainer.precision, device)
     quiet_library_progress_bars()
     run = prepare(rc, device)
     seed_everything(rc.seed)  # training's randomness must not depend on what prepare did (fit or cache)
@@ -166,19 +157,19 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
     if run.inputs.value_head is not None:
         trainable["value_head"] = run.inputs.value_head
     run.inputs.packing.packs(run.policy, device)  # probe the decoder once, before any sharding
-    _speed_up(run.policy, rc.trainer)
-    model = wrap(trainable, _strategy(rc.trainer), device, rc.trainer.param_dtype)  # FSDP2 shards in place
+    speed_up(run.policy, rc.trainer)
+    model = wrap(trainable, strategy_of(rc.trainer), device, rc.trainer.param_dtype)  # FSDP2 shards in place
     groups = [
-        {"params": _trainable(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
+        {"params": trainable_params(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
     ]
     if run.inputs.value_head is not None:
-        groups.append({"params": _trainable(run.inputs.value_head), "lr": rc.trainer.value_head_lr})
+        groups.append({"params": trainable_params(run.inputs.value_head), "lr": rc.trainer.value_head_lr})
     params = [p for group in groups for p in group["params"]]
     optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer, device)
     optimizer.zero_grad(set_to_none=True)
     scheduler = get_scheduler(rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, max_steps)
     sampler = PairSampler(len(run.train), rc.trainer.batch_size, rc.seed)  # the same on every rank
-    _check_divisible(sampler.batch_size, rc.trainer)
+    check_divisible(sampler.batch_size, rc.trainer)
     state = LoopState()
 
     def run_eval(step: int) -> tuple[dict, dict]:
@@ -222,7 +213,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         examples = sampler.next()
         step_sums, step_tokens = _forward_backward(model, run, examples, rc.trainer, step, device, autocast)
         tokens += step_tokens
-        grad_norm = clip_grad_norm(params, _max_norm(rc.trainer))
+        grad_norm = clip_grad_norm(params, max_grad_norm(rc.trainer))
         step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
         if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
             optimizer.step()
@@ -246,7 +237,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         if step % rc.eval.eval_every_steps == 0 and step != max_steps:
             run_eval(step)
         state.step = step
-        stop = _agreed_stop(guard.requested, device)  # read once; every rank stops at the same step
+        stop = agreed_stop(guard.requested, device)  # read once; every rank stops at the same step
         if stop or (every and step % every == 0) or step == max_steps:
             saved_at = save(step)  # at the end too, so a failure in the final evaluation loses no step
         if stop:
@@ -266,7 +257,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         sampler.batch_size == len(run.train),
     )
     if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
-        _export_policy(run, rc, run_dir / "checkpoint")
+        export_policy(run, rc, run_dir / "checkpoint")
     evaluation = {
         "history": state.history,
         "final": {**final_eval, **final_detail},
@@ -289,14 +280,6 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         "resumed_at": state.resumed_at,
         "runtime_s": round(time.perf_counter() - started, 2),
     }
-
-
-def _trainable(module) -> list:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _max_norm(trainer) -> float:
-    return trainer.max_grad_norm if trainer.max_grad_norm is not None else float("inf")
 
 
 def _forward_backward(model, run, examples, trainer, step: int, device, autocast) -> tuple[dict, int]:
@@ -324,84 +307,10 @@ def _forward_backward(model, run, examples, trainer, step: int, device, autocast
     return defaultdict(float, {name: value / len(examples) for name, value in totals.items()}), tokens
 
 
-def _strategy(trainer) -> str:
-    return "fsdp" if trainer.strategy == "auto" else trainer.strategy
-
-
-def _check_divisible(pairs_per_step: int, trainer) -> None:
-    """Every rank must run the same number of forward passes (they meet in collectives)."""
-    size = world().size
-    micro = trainer.micro_batch_size or trainer.batch_size
-    if size > 1 and (pairs_per_step % size or (pairs_per_step // size) % min(micro, pairs_per_step // size)):
-        raise ValueError(
-            f"trainer.batch_size: {pairs_per_step} pairs per step do not split evenly over {size} ranks "
-            f"in micro-batches of {micro} (trainer.micro_batch_size); choose a multiple"
-        )
-
-
-def _agreed_stop(requested: str | None, device) -> str | None:
-    """A signal seen by any rank stops every rank after the same step."""
-    if world().distributed:
-        return None if all_true(requested is None, device) else (requested or "SIGTERM")
-    return requested
-
-
-def _speed_up(policy, trainer) -> None:
-    """trainer.gradient_checkpointing (recompute each layer in backward) and trainer.compile (the decoder,
-    in place, dynamic shapes: packed rows vary in length)."""
-    if trainer.gradient_checkpointing:
-        options = {"use_reentrant": False}
-        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    if trainer.compile:
-        policy.get_decoder().compile(dynamic=True)
-
-
-def _export_policy(run, rc: RunConfig, directory: Path) -> None:
-    """The final policy in Hugging Face format; under FSDP2 gathered to rank 0, which writes it."""
-    from prefopt.models import save_checkpoint as export_model
-
-    if not sharded():
-        export_model(run.policy, run.tokenizer, directory, rc.model.lora.save_merged)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(run.policy, options=options)  # collective: every rank takes part
-    if world().is_main:
-        run.policy.save_pretrained(directory, state_dict=full, safe_serialization=True)
-        run.tokenizer.save_pretrained(directory)
-    barrier()
-
-
 def _digest(tensor) -> str | None:
     if tensor is None:
         return None
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _configure_torch(rc: RunConfig):
-    import torch
-
-    from prefopt.training.seeding import seed_everything
-
-    device = device_for(rc.trainer.device, init_from_environment(rc.trainer.device))
-    if device.type == "cpu":
-        torch.set_num_threads(rc.trainer.num_threads)  # fixed: results depend on the thread count
-        torch.use_deterministic_algorithms(True)
-    seed_everything(rc.seed)
-    return device
-
-
-def _autocast(precision: str, device):
-    import torch
-
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def resume_command(run_dir: Path) -> str:

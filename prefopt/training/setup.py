@@ -1,0 +1,61 @@
+"""Setting a run's torch up: threads and determinism, the device, autocast, the optimizer, and the speed
+options (gradient checkpointing, torch.compile) applied to the policy."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from prefopt.config import RunConfig
+from prefopt.training.distributed import device_for, init_from_environment
+from prefopt.training.seeding import seed_everything
+
+
+def _adamw(groups, cfg, device):
+    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), fused=fused or None)
+
+
+def _rmsprop(groups, cfg, device):
+    return torch.optim.RMSprop(groups)  # HPO's (lr and weight decay come from the groups)
+
+
+OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (groups, cfg, device) -> optimizer
+
+
+def trainable_params(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def max_grad_norm(trainer) -> float:
+    return trainer.max_grad_norm if trainer.max_grad_norm is not None else float("inf")
+
+
+def speed_up(policy, trainer) -> None:
+    """trainer.gradient_checkpointing (recompute each layer in backward) and trainer.compile (the decoder,
+    in place, dynamic shapes: packed rows vary in length)."""
+    if trainer.gradient_checkpointing:
+        options = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if trainer.compile:
+        policy.get_decoder().compile(dynamic=True)
+
+
+def configure_torch(rc: RunConfig):
+    device = device_for(rc.trainer.device, init_from_environment(rc.trainer.device))
+    if device.type == "cpu":
+        torch.set_num_threads(rc.trainer.num_threads)  # fixed: results depend on the thread count
+        torch.use_deterministic_algorithms(True)
+    seed_everything(rc.seed)
+    return device
+
+
+def autocast_for(precision: str, device):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
