@@ -329,8 +329,11 @@ def cli_runs(tmp_path_factory) -> dict[str, dict]:
     runs: dict[str, dict] = {}
 
     def run(name: str, command: list[str]) -> None:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        runs[name] |= {"rc": done.returncode, "output": done.stdout + done.stderr}
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            runs[name] |= {"rc": done.returncode, "output": done.stdout + done.stderr}
+        except Exception as error:  # a thread's failure must reach the test, not leave it waiting
+            runs[name] |= {"rc": None, "output": f"{type(error).__name__}: {error}"}
 
     threads = []
     for name, args in CLI_CASES.items():
@@ -346,7 +349,7 @@ def cli_runs(tmp_path_factory) -> dict[str, dict]:
 
 
 def finished(runs: dict[str, dict], name: str) -> dict:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 320
     while "rc" not in runs[name] and time.monotonic() < deadline:
         time.sleep(0.05)
     return runs[name]
