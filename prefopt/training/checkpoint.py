@@ -212,13 +212,14 @@ def find_checkpoint(target: str, run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sampler) -> dict:
-    """Restore weights, optimizer, scheduler, sampler and RNG states from `path`; returns its state."""
+def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sampler, state=None) -> dict:
+    """Restore weights, optimizer, scheduler, sampler and RNG states from `path`; returns its state
+    (`state`: its trainer_state.json when the caller has read it already)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from prefopt.training.seeding import set_rng_state
 
-    state = read_state(path)
+    state = state or read_state(path)
     model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
     optimizer_tensors, _ = _split(optimizer_state)
     templates = {f"model.{k}": v for k, v in model_state.items()}

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import ConfigError, RunConfig
-from prefopt.training.checkpoint import CheckpointError, find_checkpoint, read_state
 
 ALWAYS_ALLOWED = ("trainer.resume", "trainer.resume_allow_changes", "hydra")
 
@@ -25,12 +24,15 @@ class RunDirInUse(FileExistsError):
 @dataclass
 class ResumePlan:
     checkpoint: Path | None = None  # continue from this checkpoint
+    state: dict | None = None  # its trainer_state.json
     finished: dict | None = None  # summary.json of a run that already completed: nothing to do
     restart: bool = False  # the run dir holds an earlier attempt with no checkpoint: start over
 
 
 def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
     """Raises RunDirInUse, or ConfigError naming `trainer.resume` or the changed keys."""
+    from prefopt.training.checkpoint import CheckpointError, find_checkpoint, read_state  # loads torch
+
     target = rc.trainer.resume
     has_metrics = (run_dir / "metrics.jsonl").exists()
     if target is None:
@@ -51,8 +53,9 @@ def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
         raise ConfigError(f"trainer.resume: {error}") from None
     if checkpoint is None:
         return ResumePlan(restart=has_metrics)
-    check_config_unchanged(rc.raw, read_state(checkpoint)["config"], rc.trainer.resume_allow_changes)
-    return ResumePlan(checkpoint=checkpoint)
+    state = read_state(checkpoint)
+    check_config_unchanged(rc.raw, state["config"], rc.trainer.resume_allow_changes)
+    return ResumePlan(checkpoint=checkpoint, state=state)
 
 
 def check_config_unchanged(current: dict, saved: dict, allowed: list[str]) -> None:

@@ -24,22 +24,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
-from prefopt.training.distributed import (
-    TrainableModules,
-    agreed_stop,
-    broadcast_object,
-    check_divisible,
-    clip_grad_norm,
-    export_policy,
-    gathered,
-    init_from_environment,
-    my_pairs,
-    release_own_group,
-    strategy_of,
-    sum_floats,
-    world,
-    wrap,
-)
 from prefopt.training.loop_state import (
     LoopState,
     NonFiniteTraining,
@@ -50,14 +34,6 @@ from prefopt.training.loop_state import (
 from prefopt.training.preemption import Preempted, PreemptionGuard
 from prefopt.training.resume import RunDirInUse, plan_resume
 from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
-from prefopt.training.setup import (
-    OPTIMIZERS,
-    autocast_for,
-    configure_torch,
-    max_grad_norm,
-    speed_up,
-    trainable_params,
-)
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -68,7 +44,8 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     """Prepare, train, evaluate and write the run dir; returns summary.json's content. Raises RunDirInUse
     or ConfigError (a resume that does not fit) before anything loads. On any failure, preemption or
     Ctrl-C, summary.json says so, the tracker is closed, and the error propagates."""
-    from prefopt.training.checkpoint import read_state
+    from prefopt.training.distributed import release_own_group, world
+    from prefopt.training.setup import configure_torch
     from prefopt.training.tracking import NullTracker, Tracker
 
     plan = plan_resume(rc, run_dir)
@@ -78,7 +55,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     main_process = world().is_main
     if main_process:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: interpolations filled
-    saved = read_state(plan.checkpoint) if plan.checkpoint is not None else None
+    saved = plan.state  # the checkpoint's trainer_state.json, read once by plan_resume
     started = time.perf_counter()
     tracker = None
     try:
@@ -92,7 +69,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
         )
         with PreemptionGuard(rc.trainer.preemption_signals) as guard:
             try:
-                summary = _train(rc, run_dir, device, tracker, started, plan.checkpoint, guard)
+                summary = _train(rc, run_dir, device, tracker, started, plan, guard)
             finally:
                 release_own_group()
     except BaseException as error:
@@ -134,7 +111,7 @@ def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, st
     (run_dir / "summary.json").write_text(json.dumps(failed, indent=1))
 
 
-def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkpoint, guard) -> dict:
+def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, guard) -> dict:
     from transformers import get_scheduler
 
     from prefopt.data.batching import PairSampler
@@ -142,8 +119,20 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
     from prefopt.evaluation.evaluate import evaluate
     from prefopt.progress import progress, quiet_library_progress_bars
     from prefopt.training.checkpoint import load_checkpoint
+    from prefopt.training.distributed import (
+        TrainableModules,
+        agreed_stop,
+        check_divisible,
+        clip_grad_norm,
+        export_policy,
+        gathered,
+        strategy_of,
+        world,
+        wrap,
+    )
     from prefopt.training.prepare import prepare
     from prefopt.training.seeding import seed_everything
+    from prefopt.training.setup import OPTIMIZERS, autocast_for, max_grad_norm, speed_up, trainable_params
 
     autocast = autocast_for(rc.trainer.precision, device)
     quiet_library_progress_bars()
@@ -193,8 +182,9 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, checkp
         keep = rc.trainer.keep_last_checkpoints
         return save_checkpoint(run_dir, step, trainable, optimizer, scheduler, sampler, record, keep)
 
+    checkpoint = plan.checkpoint
     if checkpoint is not None:
-        saved = load_checkpoint(checkpoint, trainable, optimizer, scheduler, sampler)  # RNG states too
+        saved = load_checkpoint(checkpoint, trainable, optimizer, scheduler, sampler, plan.state)  # RNG too
         state = LoopState(**saved["loop"])
         state.resumed_at.append(state.step)
         if saved.get("reference_logps_sha256") != _digest(run.inputs.reference_logps):
@@ -288,6 +278,7 @@ def _forward_backward(model, run, examples, trainer, step: int, device, autocast
     from collections import defaultdict
 
     from prefopt.data.batching import make_batch
+    from prefopt.training.distributed import my_pairs, sum_floats, world
     from prefopt.training.step import pair_loss
 
     needs = run.inputs.hparams.requirements()
@@ -344,6 +335,20 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def _join_ranks(rc: RunConfig, run_dir: Path) -> Path:
+    """Under torchrun: join the process group; every rank writes to rank 0's run dir (Hydra's own clock
+    may name another), and ranks other than 0 log to their own file. The run dir as it is otherwise."""
+    from prefopt.training.distributed import broadcast_object, init_from_environment
+
+    current = init_from_environment(rc.trainer.device)
+    if not current.distributed:
+        return run_dir
+    run_dir = Path(broadcast_object(str(run_dir)))
+    if not current.is_main:
+        _log_rank_to_own_file(run_dir, current.rank)
+    return run_dir
+
+
 def _log_rank_to_own_file(run_dir: Path, rank: int) -> None:
     """Ranks other than 0 log to train.rank<r>.log, and only warnings to the terminal."""
     root = logging.getLogger()
@@ -365,13 +370,11 @@ def main(cfg: DictConfig) -> dict:
 
     from prefopt.progress import route_library_logs
 
-    route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
-    current = init_from_environment(str(cfg.trainer.device))  # under torchrun: join the process group
-    run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir))  # rank 0's, on every rank
-    if not current.is_main:
-        _log_rank_to_own_file(run_dir, current.rank)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        rc = load_run_config(cfg)  # fails fast, before any model is built
+        rc = load_run_config(cfg)  # fails fast, before torch, any model or any data is loaded
+        run_dir = _join_ranks(rc, run_dir)
+        route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
         with logging_redirect_tqdm():  # log lines print above the progress bars
             return train(rc, run_dir, _sweep_group())
     except (ConfigError, RunDirInUse) as error:  # raised before anything loads
