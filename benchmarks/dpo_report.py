@@ -25,20 +25,22 @@ def table(summary: dict, device: str) -> list[str]:
     memory = "peak RSS (MiB)" if cpu else "peak CUDA memory allocated (GiB)"
     head = ["lengths", "run", "real tokens/s", "vs TRL default", "vs TRL precompute", "vs own fixed"]
     head += ["real tokens per CPU s (vs TRL default, precompute)"] if cpu else []
-    head += ["padding share", "MFU", memory, "end to end (s)", "vs TRL default"]
+    head += ["padding share", "positions per real token", "MFU", memory, "end to end (s)", "vs TRL default"]
     head += ["end to end, CPU s (vs TRL default)"] if cpu else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, r in summary.items():
         default = _find(summary, "trl", DEFAULT, config.lengths)
         precompute = _find(summary, "trl", PRECOMPUTE, config.lengths)
         fixed = _find(summary, config.tool, config.variant, "fixed") if config.lengths == "variable" else None
-        name = config.name + (" (packed rows)" if config.tool == "prefopt" and r["packed"] else "")
+        layout = " (shared prompts)" if r.get("shared_prompts") else " (packed rows)" if r["packed"] else ""
+        name = config.name + (layout if config.tool == "prefopt" else "")
         cells = [config.lengths, name, f"{r['tokens_per_s']:,.0f}", _ratio(r, default, "tokens_per_s")]
         cells += [_ratio(r, precompute, "tokens_per_s"), _ratio(r, fixed, "tokens_per_s")]
         if cpu:
             ratios = [_ratio(r, t, "tokens_per_cpu_s") for t in (default, precompute)]
             cells += [f"{r['tokens_per_cpu_s']:,.0f} ({', '.join(ratios)})"]
-        cells += [f"{r['padding_share']:.1%}", f"{r['mfu']:.1%}" if "mfu" in r else "-"]
+        cells += [f"{r['padding_share']:.1%}", f"{r['positions_per_token']:.2f}"]
+        cells += [f"{r['mfu']:.1%}" if "mfu" in r else "-"]
         cells += [
             f"{r['peak_memory_bytes'] / 2**20:,.0f}" if cpu else f"{r['peak_memory_bytes'] / 2**30:.2f}"
         ]
@@ -120,7 +122,9 @@ tools alike. Tokens/s: the median over steady steps of a step's real tokens / th
 previous optimizer step's end to its own (data, forward, backward, clip, optimizer, logging); per CPU s: the
 same over the process's CPU time, which other processes on a shared machine do not inflate (one compute
 thread per run). Padding share: padding positions / all positions of the policy's training forwards (counted
-at the decoder's input). End to end (wall, and CPU time on CPU): from a fresh process's first line to the
+at the decoder's input); positions per real token: those positions / the real tokens, under 1 where a pair's
+prompt is computed once for its chosen and rejected (prefopt's shared prompts; the same log-probs). End to
+end (wall, and CPU time on CPU): from a fresh process's first line to the
 end of training: imports, model loading, tokenizing, the reference pass (TRL precompute: in its trainer's
 init; TRL default: a live reference forward every step), training; prefopt also runs its final evaluation
 (one held-out pair) and writes its final training-state checkpoint. Peak memory: {memory} {mfu} TRL runs
@@ -132,7 +136,8 @@ model=pretrained dataset=preference` (packing: its default `auto` unless the row
 MFU = """
 MFU = model FLOPs of the policy update per step (6 x matmul weights, lm_head included, x real tokens, + 6 x
 layers x d x n^2 causal attention per sequence of n tokens) / step time / {peak_tflops:g} TFLOP/s; the
-reference's forward, live or precomputed, is not counted.
+reference's forward, live or precomputed, is not counted. The FLOPs are those of the pairs as TRL runs them
+(prompt + chosen, prompt + rejected), so a shared prompt's saved work counts as done.
 """
 
 

@@ -38,7 +38,8 @@ def clock_steps(record: dict, cuda: bool) -> None:
 def count_decoder_positions(record: dict) -> None:
     """Count the input positions of every Llama decoder forward that builds a graph: the policy's training
     forwards in both tools (reference passes, evaluation and prefopt's packing probe run without gradients).
-    A forward given position ids and no attention mask is a packed one."""
+    A forward given position ids and no attention mask is a packed one; one given prompt groups
+    (`shared_prompt_segments`) holds no padding at all."""
     import torch
     from transformers.models.llama import modeling_llama
 
@@ -50,6 +51,7 @@ def count_decoder_positions(record: dict) -> None:
             record["positions"] += input_ids.numel()
             packed = kwargs.get("attention_mask") is None and kwargs.get("position_ids") is not None
             record["packed_forwards"] += int(packed)
+            record["shared_prompt_forwards"] += int(kwargs.get("shared_prompt_segments") is not None)
             record["forwards"] += 1
         return forward(self, input_ids, *args, **kwargs)
 
@@ -83,7 +85,8 @@ def run_prefopt(spec: dict, record: dict) -> None:
         "trainer.warmup_steps=0",
         "trainer.max_grad_norm=1.0",
         f"trainer.precision={'auto' if spec['device'] == 'cuda' else 'fp32'}",
-        f"trainer.packing={spec['packing']}",
+        f"trainer.packing={'auto' if spec['packing'] == 'rows' else spec['packing']}",
+        f"trainer.share_prompts={spec['packing'] != 'rows'}",
         "trainer.num_threads=1",
         "trainer.log_every_steps=1",
         "trainer.checkpoint_every_steps=null",
@@ -154,7 +157,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    record = {"positions": 0, "packed_forwards": 0, "forwards": 0, "step_ends": [], "step_cpu_ends": []}
+    record = {
+        "positions": 0,
+        "packed_forwards": 0,
+        "shared_prompt_forwards": 0,
+        "forwards": 0,
+        "step_ends": [],
+        "step_cpu_ends": [],
+    }
     count_decoder_positions(record)
     clock_steps(record, spec["device"] == "cuda")
     {"prefopt": run_prefopt, "trl": run_trl}[spec["tool"]](spec, record)

@@ -2,7 +2,7 @@
 
     python benchmarks/dpo_throughput.py                         # CPU: 5.5 M random Llama; GPU: 1B shape
     python benchmarks/dpo_throughput.py --steps 10 --repeats 1  # a quick look
-    python benchmarks/dpo_throughput.py --packing auto,false    # prefopt packed and padded
+    python benchmarks/dpo_throughput.py --packing auto,rows,false    # prefopt's layouts
     python benchmarks/dpo_throughput.py --check-losses          # only the equal-results check (20 steps)
 
 One random Llama is saved with save_pretrained and both tools load it; the pairs (fixed or variable lengths,
@@ -38,13 +38,19 @@ HERE = Path(__file__).resolve().parent
 class Config:
     name: str  # row label
     tool: str  # prefopt | trl
-    variant: str  # prefopt: trainer.packing (auto | false); trl: default | precompute
+    variant: (
+        str  # prefopt: auto | rows (auto, share_prompts=false) | false (padded); trl: default | precompute
+    )
     lengths: str  # fixed | variable
 
 
 def configs(lengths: list[str], packing: list[str]) -> list[Config]:
     """Per length setting: prefopt (each packing mode), TRL default, TRL with precomputed reference logps."""
-    label = {"auto": "prefopt", "false": "prefopt, padded (packing=false)"}
+    label = {
+        "auto": "prefopt",
+        "rows": "prefopt, share_prompts=false",
+        "false": "prefopt, padded (packing=false)",
+    }
     out = []
     for length in lengths:
         out += [Config(label[mode], "prefopt", mode, length) for mode in packing]
@@ -126,11 +132,15 @@ def measure(record: dict, data: dict, warmup_steps: int, peak_flops: float | Non
         return [ends[k] - ends[k - 1] for k in steady]
 
     wall, cpu = seconds(record["step_ends"]), seconds(record["step_cpu_ends"])
+    real = sum(tokens[: len(record["step_ends"])])
+    shared = record.get("shared_prompt_forwards", 0) == record["forwards"] > 0  # every position a token
     out = {
         "tokens_per_s": statistics.median(tokens[k] / s for k, s in zip(steady, wall)),
         "tokens_per_cpu_s": statistics.median(tokens[k] / s for k, s in zip(steady, cpu)),
-        "padding_share": 1 - sum(tokens[: len(record["step_ends"])]) / record["positions"],
+        "padding_share": 0.0 if shared else 1 - real / record["positions"],
+        "positions_per_token": record["positions"] / real,
         "packed": record["packed_forwards"] == record["forwards"] > 0,
+        "shared_prompts": shared,
         "peak_memory_bytes": record["peak_memory_bytes"],
         "end_to_end_s": record["end_to_end_s"],
         "end_to_end_cpu_s": record["end_to_end_cpu_s"],
@@ -142,10 +152,12 @@ def measure(record: dict, data: dict, warmup_steps: int, peak_flops: float | Non
 
 
 def median_over_repeats(runs: list[dict]) -> dict:
-    keys = ["tokens_per_s", "tokens_per_cpu_s", "padding_share", "peak_memory_bytes", "end_to_end_s"]
+    keys = ["tokens_per_s", "tokens_per_cpu_s", "padding_share", "positions_per_token", "peak_memory_bytes"]
+    keys += ["end_to_end_s"]
     keys += ["end_to_end_cpu_s", "mfu"]
     out = {k: statistics.median(r[k] for r in runs) for k in keys if k in runs[0]}
-    return out | {"packed": runs[0]["packed"], "losses": runs[0]["losses"], "repeats": len(runs)}
+    first = runs[0]
+    return out | {k: first[k] for k in ("packed", "shared_prompts", "losses")} | {"repeats": len(runs)}
 
 
 def tree_state() -> tuple[str, str]:
@@ -202,7 +214,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--lengths", default="fixed,variable", help="fixed, variable or both")
     ap.add_argument(
-        "--packing", default="auto", help="prefopt's trainer.packing values to run: auto, false or both"
+        "--packing",
+        default="auto",
+        help="prefopt layouts to run: auto (its default), rows (trainer.share_prompts=false), false (padded)",
     )
     ap.add_argument("--lr", type=float, default=1e-4, help="constant learning rate, no warm-up, both tools")
     ap.add_argument("--beta", type=float, default=0.1)

@@ -80,6 +80,7 @@ class TrainerConfig:
     logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
     packing: bool | str = "auto"  # auto (pack where the model keeps sequences apart, else pad) | true | false
     pack_tokens: int | None = None  # tokens per packed row; None: the micro-batch's longest sequence
+    share_prompts: bool = True  # packed: a prompt computed once for all its responses, where sdpa allows
     reference_cache: bool = True  # reuse reference log-probs across runs (same weights, tokenizer, tokens)
     log_every_steps: int = 10
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prefopt.data.batching import PaddedSequences
-from prefopt.data.packing import PackedSequences, pack
+from prefopt.data.packing import PackedSequences, pack, share_prompts
+from prefopt.models.shared_prompt_attention import use_shared_prompt_attention, why_not_shareable
 
 log = logging.getLogger(__name__)
 Rows = PaddedSequences | PackedSequences
@@ -45,13 +46,17 @@ def hidden_states(model, rows: Rows) -> Tensor:
 
 def scored_positions(rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(sequence, row, column, target) (N,) for every response token, sequence by sequence in order:
-    position `column` of `row` predicts `target`. The same order in any layout."""
+    position `column` of `row` predicts `target`. The same order in any layout. A response's first token
+    is predicted from its prompt's last position, each later one from the token before it (in a shared
+    prompt group the response need not follow its prompt directly)."""
     counts = rows.response_tokens  # (R,)
     sequence = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # (N,)
     offset = torch.arange(len(sequence), device=counts.device) - (counts.cumsum(0) - counts)[sequence]
     row = rows.sequence_row[sequence]
-    column = rows.sequence_start[sequence] + rows.prompt_lengths[sequence] - 1 + offset
-    return sequence, row, column, rows.input_ids[row, column + 1]
+    at = rows.response_starts[sequence] + offset  # (N,) the target token's own column
+    last_prompt = rows.sequence_start[sequence] + rows.prompt_lengths[sequence] - 1
+    column = torch.where(offset == 0, last_prompt, at - 1)
+    return sequence, row, column, rows.input_ids[row, at]
 
 
 def _chunk_logits(lm_head, hidden: Tensor) -> Tensor:
@@ -194,6 +199,7 @@ def fused_token_logps(lm_head: nn.Linear, hidden: Tensor, targets: Tensor) -> Te
 class PackingSupport:
     layout: str | None  # "rows": packed rows in a batch; "one_row": a single packed row; None: pad
     reason: str  # why not, when layout is None
+    shares_prompts: bool = False  # one row of prompt groups works (`share_prompts`)
 
 
 _PROBE_FIRST = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5]  # token ids < 8: any vocabulary has them
@@ -211,12 +217,15 @@ def supports_packing(model, device) -> PackingSupport:
     across the boundary), and close to those it has alone (positions restart). Transformers' Llama,
     Qwen2, Mistral, GPT-2, GPT-NeoX, ... pass (their masks come from the position ids: "rows"); flash
     attention keeps the boundaries of a single row only ("one_row": its varlen kernel); OPT and Bloom
-    build their masks or positions without the position ids and are padded."""
+    build their masks or positions without the position ids and are padded. A decoder on plain sdpa is
+    also switched to `shared_prompt_attention` and kept on it if prompt groups pass the same checks."""
     if model not in _SUPPORT:
         _SUPPORT[model] = _probe(model, torch.device(device))
         support = _SUPPORT[model]
         name = type(model).__name__
-        if support.layout is None:
+        if support.shares_prompts:
+            log.info("packing on for %s (one row; a prompt computed once for all its responses)", name)
+        elif support.layout is None:
             log.info("packing off for %s: %s; sequences are padded", name, support.reason)
         else:
             log.info("packing on for %s (%s)", name, support.layout.replace("_", " "))
@@ -227,22 +236,40 @@ def supports_packing(model, device) -> PackingSupport:
 def _probe(model, device: torch.device) -> PackingSupport:
     decoder = model.get_decoder()
     with _eval_mode(model), torch.autocast(device_type=device.type, enabled=False):
-        try:
-            ids = torch.tensor([_PROBE_LAST], device=device)
-            alone = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
-            for layout in ("rows", "one_row"):
-                after_first = _probe_hidden(decoder, _PROBE_FIRST, layout, device)
-                after_other = _probe_hidden(decoder, _PROBE_OTHER, layout, device)
-                scale = alone.abs().max()
-                if (after_first - after_other).abs().max() > 1e-6 * scale:
-                    continue  # the previous sequence leaks in
-                tolerance = 1e-3 if alone.dtype == torch.float32 else 5e-2
-                if (after_first - alone).abs().max() > tolerance * scale:
-                    return PackingSupport(None, "its positions do not restart at a packed sequence")
-                return PackingSupport(layout, "")
-        except (TypeError, ValueError, RuntimeError) as error:  # e.g. no position_ids argument
-            return PackingSupport(None, f"its decoder refuses packed rows ({type(error).__name__}: {error})")
+        ids = torch.tensor([_PROBE_LAST], device=device)
+        alone = decoder(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+        support = _probe_rows(decoder, alone, device)
+        why_not = why_not_shareable(model)
+        if why_not is None:
+            use_shared_prompt_attention(model, True)
+            shares = _probe_shared_prompts(decoder, device)
+            if not shares:
+                use_shared_prompt_attention(model, False)
+            else:
+                support = PackingSupport(support.layout, support.reason, shares_prompts=True)
+        else:
+            log.debug("prompts not shared for %s: %s", type(model).__name__, why_not)
+    return support
+
+
+def _probe_rows(decoder, alone: Tensor, device: torch.device) -> PackingSupport:
+    try:
+        for layout in ("rows", "one_row"):
+            after_first = _probe_hidden(decoder, _PROBE_FIRST, layout, device)
+            after_other = _probe_hidden(decoder, _PROBE_OTHER, layout, device)
+            scale = alone.abs().max()
+            if (after_first - after_other).abs().max() > 1e-6 * scale:
+                continue  # the previous sequence leaks in
+            if (after_first - alone).abs().max() > _tolerance(alone) * scale:
+                return PackingSupport(None, "its positions do not restart at a packed sequence")
+            return PackingSupport(layout, "")
+    except (TypeError, ValueError, RuntimeError) as error:  # e.g. no position_ids argument
+        return PackingSupport(None, f"its decoder refuses packed rows ({type(error).__name__}: {error})")
     return PackingSupport(None, "a packed sequence attends to the sequence before it")
+
+
+def _tolerance(hidden: Tensor) -> float:
+    return 1e-3 if hidden.dtype == torch.float32 else 5e-2
 
 
 def _probe_hidden(decoder, first: list[int], layout: str, device) -> Tensor:
@@ -254,6 +281,45 @@ def _probe_hidden(decoder, first: list[int], layout: str, device) -> Tensor:
         ids, positions = ids.view(1, -1), positions.view(1, -1)
     hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
     return hidden.reshape(2, ids.numel() // 2, -1)[0, len(first) :].float()
+
+
+def _probe_shared_prompts(decoder, device: torch.device) -> bool:
+    """Two prompt groups in one row, [FIRST: ROW, LAST] [OTHER: LAST]: the first group's LAST must not see
+    ROW (exactly the same with another sibling), and must equal [FIRST, LAST] alone; the second group
+    must not see the first (exactly the same when the first changes)."""
+    try:
+        second = (_PROBE_OTHER, [_PROBE_LAST])
+        first = _shared_prompt_hidden(decoder, [(_PROBE_FIRST, [_PROBE_ROW, _PROBE_LAST]), second], device)
+        flipped = _PROBE_ROW[::-1]
+        sibling = _shared_prompt_hidden(decoder, [(_PROBE_FIRST, [flipped, _PROBE_LAST]), second], device)
+        other = _shared_prompt_hidden(decoder, [(_PROBE_OTHER, [_PROBE_ROW, _PROBE_LAST]), second], device)
+        ids = torch.tensor([_PROBE_FIRST + _PROBE_LAST], device=device)
+        alone = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, len(_PROBE_FIRST) :].float()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    scale = alone.abs().max()
+    no_sibling = (first[1] - sibling[1]).abs().max() <= 1e-6 * scale
+    no_group = (first[2] - other[2]).abs().max() <= 1e-6 * scale
+    return bool(no_sibling and no_group and (first[1] - alone).abs().max() <= _tolerance(alone) * scale)
+
+
+def _shared_prompt_hidden(decoder, groups: list[tuple[list[int], list[list[int]]]], device) -> list[Tensor]:
+    """The hidden states of every response of `groups` [(prompt, responses)], run as one row of groups."""
+    ids, positions, spans = [], [], []
+    for prompt, responses in groups:
+        ids += prompt
+        positions += range(len(prompt))
+        for response in responses:
+            spans.append(slice(len(ids), len(ids) + len(response)))
+            ids += response
+            positions += range(len(prompt), len(prompt) + len(response))
+    hidden = decoder(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([positions], device=device),
+        shared_prompt_segments=tuple((len(p), tuple(map(len, r))) for p, r in groups),
+        use_cache=False,
+    ).last_hidden_state[0]
+    return [hidden[span].float() for span in spans]
 
 
 @contextlib.contextmanager
@@ -272,28 +338,41 @@ def _eval_mode(model):
 
 @dataclass(frozen=True)
 class Packing:
-    """How a batch's sequences become the decoder's rows (`trainer.packing`, `trainer.pack_tokens`)."""
+    """How a batch's sequences become the decoder's rows (`trainer.packing`, `trainer.pack_tokens`,
+    `trainer.share_prompts`)."""
 
     mode: bool | str = "auto"  # auto: pack when `supports_packing` says so, else pad | True | False
     pack_tokens: int | None = None  # tokens per packed row; None: the longest sequence of the batch
     width_multiple: int = 1  # packed rows' width rounded up to this (64 under trainer.compile)
+    share_prompts: bool = True  # one row of prompt groups where the model takes it (not under compile)
 
     def packs(self, model, device) -> bool:
-        return self.mode is not False and self._support(model, device).layout is not None
+        support = self._support(model, device)
+        return self.mode is not False and (support.layout is not None or self._shares(support))
+
+    def shares_prompts(self, model, device) -> bool:
+        return self.mode is not False and self._shares(self._support(model, device))
 
     def arrange(self, rows: PaddedSequences, model, device) -> Rows:
-        """`rows` as `model` reads them best: packed when it can be, else as they are (padded)."""
+        """`rows` as `model` reads them best: one row of prompt groups, else packed rows, else as they are
+        (padded)."""
         if self.mode is False:
             return rows
         support = self._support(model, device)
+        if self._shares(support):
+            return share_prompts(rows)
         if support.layout is None:
             return rows
         one_row = support.layout == "one_row"  # one row holds the batch: attention never spans rows
         budget = int(rows.attention_mask.sum()) if one_row else self.pack_tokens
         return pack(rows, budget, self.width_multiple)
 
+    def _shares(self, support: PackingSupport) -> bool:
+        # A compiled decoder would recompile for every new set of groups: it gets bucketed packed rows.
+        return self.share_prompts and support.shares_prompts and self.width_multiple == 1
+
     def _support(self, model, device) -> PackingSupport:
         support = supports_packing(model, device)
-        if support.layout is None and self.mode is True:
+        if support.layout is None and not self._shares(support) and self.mode is True:
             raise ValueError(f"trainer.packing=true: {type(model).__name__} cannot pack: {support.reason}")
         return support

@@ -222,19 +222,26 @@ def test_token_kl_and_last_prompt_hidden_agree_packed_and_padded():
     torch.testing.assert_close(packed_at, padded_at, atol=1e-5, rtol=0)
 
 
-def test_a_micro_batch_packs_its_pairs_chosen_and_rejected_together():
+def sequence_tokens(rows, i: int) -> list[int]:
+    """Sequence i read back from any layout: its prompt at its start, its response at its response start."""
+    row, start, prompt = int(rows.sequence_row[i]), int(rows.sequence_start[i]), int(rows.prompt_lengths[i])
+    response_start, response = int(rows.response_starts[i]), int(rows.response_tokens[i])
+    ids = rows.input_ids[row]
+    return ids[start : start + prompt].tolist() + ids[response_start : response_start + response].tolist()
+
+
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared_prompts", "packed_rows"])
+def test_a_micro_batch_packs_its_pairs_chosen_and_rejected_together(share_prompts):
     model, tokenizer = tiny_model()
     table, split = pair_split(tokenizer)
     for micro in torch.arange(len(split)).split(4):
         batch = make_batch(table, split, micro, kl_side=None, with_mismatched=False)
-        rows = Packing().arrange(batch.rows, model, CPU)
-        assert isinstance(rows, PackedSequences)
+        rows = Packing(share_prompts=share_prompts).arrange(batch.rows, model, CPU)
+        assert isinstance(rows, PackedSequences) and (rows.segments is not None) == share_prompts
         for kind, positions in (("chosen", batch.chosen_rows), ("rejected", batch.rejected_rows)):
             for example, i in zip(micro.tolist(), positions.tolist()):
                 expected = table.pad(getattr(split, kind)[example : example + 1])
-                length = int(expected.attention_mask.sum())
-                row, start = int(rows.sequence_row[i]), int(rows.sequence_start[i])
-                assert rows.input_ids[row, start : start + length].tolist() == expected.input_ids[0].tolist()
+                assert sequence_tokens(rows, i) == expected.input_ids[0].tolist()
 
 
 def test_the_reference_pass_packs_the_whole_table_and_matches_padding():
@@ -269,19 +276,25 @@ def opt_model(tokenizer):
 
 
 def test_a_model_whose_masks_ignore_position_ids_is_padded():
-    """OPT builds its causal mask without the position ids: packed sequences would attend to each other,
-    so auto pads (the same rows back), and packing=true refuses, naming the key."""
+    """OPT builds its causal mask without the position ids: packed rows would let sequences attend to
+    each other, so without shared prompts auto pads (the same rows back) and packing=true refuses, naming
+    the key. Its attention layers do take shared-prompt groups (they need no mask), so by default it packs
+    that way, with the padded log-probs."""
     _, tokenizer = tiny_model()
     model = opt_model(tokenizer)
     _, _, rows = packed_table(tokenizer)
     support = supports_packing(model, CPU)
     assert support.layout is None and "attends to the sequence before it" in support.reason
-    assert Packing().arrange(rows, model, CPU) is rows
+    rows_only = Packing(share_prompts=False)
+    assert rows_only.arrange(rows, model, CPU) is rows
     assert Packing(False).arrange(rows, model, CPU) is rows
     with pytest.raises(ValueError, match="trainer.packing=true"):
-        Packing(True).arrange(rows, model, CPU)
+        Packing(True, share_prompts=False).arrange(rows, model, CPU)
+    assert support.shares_prompts and Packing(True).arrange(rows, model, CPU).segments is not None
     with torch.no_grad():
-        torch.testing.assert_close(model_logps(model, rows, packing=Packing()), model_logps(model, rows))
+        padded = model_logps(model, rows)
+        torch.testing.assert_close(model_logps(model, rows, packing=rows_only), padded)
+        torch.testing.assert_close(model_logps(model, rows, packing=Packing()), padded, atol=1e-5, rtol=0)
 
 
 class SegmentMeanModel(nn.Module):
@@ -415,30 +428,42 @@ def test_a_bad_packing_value_fails_naming_its_key(override):
 )
 def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monkeypatch, objective):
     """The real loop, 6 steps in micro-batches of 16 pairs: per-step losses and gradient norms and the
-    final evaluation agree to 1e-5 whether the tiny Llama reads packed rows (several sequences each: the
-    task's sequences are alike in length, so rows of 48 tokens) or padded ones."""
+    final evaluation agree to 1e-5 whether the tiny Llama reads one row of prompt groups (the default),
+    packed rows (several sequences each: the task's sequences are alike in length, so rows of 48 tokens)
+    or padded ones."""
     import prefopt.logps
 
-    rows_per_sequence = []
+    layouts = []
 
-    def counting_pack(rows, budget=None, width_multiple=1):
-        packed = pack(rows, budget, width_multiple)
-        rows_per_sequence.append(len(packed.input_ids) / packed.num_sequences)
-        return packed
+    def counting(arrange):
+        def counted(rows, *args):
+            arranged = arrange(rows, *args)
+            layouts.append((len(arranged.input_ids) / arranged.num_sequences, arranged.segments is not None))
+            return arranged
 
-    monkeypatch.setattr(prefopt.logps, "pack", counting_pack)
+        return counted
+
+    monkeypatch.setattr(prefopt.logps, "pack", counting(prefopt.logps.pack))
+    monkeypatch.setattr(prefopt.logps, "share_prompts", counting(prefopt.logps.share_prompts))
     steps = [*objective, "trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.micro_batch_size=16"]
     caplog.set_level(logging.INFO, logger="prefopt.logps")
-    packed = run_training(tmp_path / "packed", *steps, "trainer.pack_tokens=48")  # packing: auto
-    assert "packing on for LlamaForCausalLM" in caplog.text
-    assert rows_per_sequence and max(rows_per_sequence) < 0.5  # training, evaluation, reference pass
+    shared = run_training(tmp_path / "shared", *steps)  # packing: auto
+    assert "a prompt computed once for all its responses" in caplog.text
+    assert layouts and all(shares for _, shares in layouts)  # training, evaluation, reference pass
+    layouts.clear()
+    packed = run_training(
+        tmp_path / "packed", *steps, "trainer.pack_tokens=48", "trainer.share_prompts=false"
+    )
+    assert layouts and max(per_sequence for per_sequence, _ in layouts) < 0.5
+    assert not any(shares for _, shares in layouts)
     padded = run_training(tmp_path / "padded", *steps, "trainer.packing=false")
-    for key in ["train/loss", "train/grad_norm"]:
-        got, expected = (
-            [r[key] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if key in r]
-            for run in ("packed", "padded")
-        )
-        assert len(got) == 6
-        assert got == pytest.approx(expected, abs=1e-5, rel=1e-5)
-    for key, value in padded["final_eval"].items():
-        assert packed["final_eval"][key] == pytest.approx(value, abs=1e-5, rel=1e-4), key
+    for run, result in (("shared", shared), ("packed", packed)):
+        for key in ["train/loss", "train/grad_norm"]:
+            got, expected = (
+                [r[key] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if key in r]
+                for name in (run, "padded")
+            )
+            assert len(got) == 6
+            assert got == pytest.approx(expected, abs=1e-5, rel=1e-5), (run, key)
+        for key, value in padded["final_eval"].items():
+            assert result["final_eval"][key] == pytest.approx(value, abs=1e-5, rel=1e-4), (run, key)

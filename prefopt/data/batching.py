@@ -192,6 +192,10 @@ class PaddedSequences:
     def sequence_start(self) -> Tensor:  # (R,) every sequence starts its row
         return torch.zeros(len(self.input_ids), dtype=torch.long, device=self.input_ids.device)
 
+    @property
+    def response_starts(self) -> Tensor:  # (R,) each response right after its prompt
+        return self.prompt_lengths
+
     def decoder_inputs(self) -> dict[str, Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 

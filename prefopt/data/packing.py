@@ -5,6 +5,9 @@ apart: given no attention mask, it reads the sequence boundaries from the positi
 block-diagonal causal mask (sdpa, eager, flex attention) or hands them to flash attention's varlen kernel.
 A row's unused tail restarts its positions too, so it is one more sequence that nothing reads.
 `prefopt.logps.supports_packing` checks that a model does keep packed sequences apart.
+
+`share_prompts` goes further where the model takes `prefopt.models.shared_prompt_attention`: one row of
+prompt groups, each prompt once and then its responses, so a pair's prompt is computed once, not twice.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from prefopt.models.shared_prompt_attention import Segments
 
 
 @dataclass
@@ -27,17 +32,27 @@ class PackedSequences:
     prompt_lengths: Tensor  # (R,)
     response_tokens: Tensor  # (R,)
     sequence_row: Tensor  # (R,) the row holding each sequence
-    sequence_start: Tensor  # (R,) where it begins in that row
+    sequence_start: Tensor  # (R,) where it (its prompt) begins in that row
+    response_start: Tensor | None = None  # (R,) where its response begins; None: right after its prompt
+    segments: Segments | None = None  # shared prompts: the row's groups, for the attention layers
 
     def to(self, device) -> PackedSequences:
-        return PackedSequences(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        moved = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return PackedSequences(**{f: v.to(device) if isinstance(v, Tensor) else v for f, v in moved.items()})
 
     @property
     def num_sequences(self) -> int:
         return len(self.prompt_lengths)
 
-    def decoder_inputs(self) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+    @property
+    def response_starts(self) -> Tensor:  # (R,)
+        if self.response_start is None:
+            return self.sequence_start + self.prompt_lengths
+        return self.response_start
+
+    def decoder_inputs(self) -> dict:
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return inputs | ({"shared_prompt_segments": self.segments} if self.segments is not None else {})
 
 
 def best_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
@@ -112,3 +127,65 @@ def whole_table_passes(lengths: Tensor, rows_per_pass: int, budget: int | None) 
     rows = best_fit_decreasing(lengths.tolist(), budget)
     groups = [rows[start : start + rows_per_pass] for start in range(0, len(rows), rows_per_pass)]
     return [torch.tensor([i for row in group for i in row]) for group in groups]
+
+
+def share_prompts(rows) -> PackedSequences:
+    """Right-padded rows (`PaddedSequences`) as one row of prompt groups: every distinct prompt once (in
+    order of first appearance), each followed by the responses of the rows that share it, in row order.
+    Positions run 0 .. P-1 over the prompt and P, P+1, ... over each response; `segments` tells the
+    attention layers where the groups are. No padding: the row is exactly as long as the tokens it holds."""
+    lengths, prompts = rows.attention_mask.sum(-1).tolist(), rows.prompt_lengths.tolist()
+    ids, responses = rows.input_ids.tolist(), rows.response_mask
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(ids[i][:prompt]), []).append(i)
+    tokens, positions, is_response, segments = [], [], [], []
+    sequence_start, response_start = [0] * len(lengths), [0] * len(lengths)
+    for prompt_ids, members in groups.items():
+        prompt, start = len(prompt_ids), len(tokens)
+        tokens += prompt_ids
+        positions += range(prompt)
+        is_response += [False] * prompt
+        for i in members:
+            sequence_start[i], response_start[i] = start, len(tokens)
+            tokens += ids[i][prompt : lengths[i]]
+            positions += range(prompt, lengths[i])
+            is_response += responses[i, prompt : lengths[i]].tolist()
+        segments.append((prompt, tuple(lengths[i] - prompt for i in members)))
+    device = rows.input_ids.device
+    row = torch.tensor([tokens], device=device)  # (1, T)
+    return PackedSequences(
+        input_ids=row,
+        position_ids=torch.tensor([positions], device=device),
+        attention_mask=torch.ones_like(row, dtype=rows.attention_mask.dtype),
+        response_mask=torch.tensor([is_response], device=device),
+        prompt_lengths=rows.prompt_lengths,
+        response_tokens=rows.response_tokens,
+        sequence_row=torch.zeros(len(lengths), dtype=torch.long, device=device),
+        sequence_start=torch.tensor(sequence_start, device=device),
+        response_start=torch.tensor(response_start, device=device),
+        segments=tuple(segments),
+    )
+
+
+def prompt_group_passes(
+    sequence_prompt: Tensor, lengths: Tensor, prompt_lengths: Tensor, tokens: int
+) -> list[Tensor]:
+    """Sequence ids (S,) in passes of about `tokens` positions each once prompts are shared: sequences
+    grouped by prompt (so a prompt's responses share one pass where they fit), a pass closed before the
+    sequence that would take it over `tokens`. A prompt's first sequence in a pass costs its length, each
+    further one its response only."""
+    order = torch.argsort(sequence_prompt, stable=True).tolist()
+    prompt_of, length, prompt_length = sequence_prompt.tolist(), lengths.tolist(), prompt_lengths.tolist()
+    passes, current, used, open_prompt = [], [], 0, None
+    for i in order:
+        cost = length[i] - prompt_length[i] if prompt_of[i] == open_prompt else length[i]
+        if current and used + cost > tokens:
+            passes.append(current)
+            current, used, cost = [], 0, length[i]
+        current.append(i)
+        used += cost
+        open_prompt = prompt_of[i]
+    if current:
+        passes.append(current)
+    return [torch.tensor(p) for p in passes]

@@ -14,7 +14,7 @@ from torch import Tensor
 from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
-from prefopt.data.packing import whole_table_passes
+from prefopt.data.packing import prompt_group_passes, whole_table_passes
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.data.tokenization import render_prompt
@@ -100,7 +100,10 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     chunk, packing = (
         rc.trainer.logps_chunk_tokens,
         Packing(
-            rc.trainer.packing, rc.trainer.pack_tokens, COMPILED_WIDTH_MULTIPLE if rc.trainer.compile else 1
+            rc.trainer.packing,
+            rc.trainer.pack_tokens,
+            COMPILED_WIDTH_MULTIPLE if rc.trainer.compile else 1,
+            rc.trainer.share_prompts,
         ),
     )
     reference_logps, reference_cache = cached_reference_logps(
@@ -111,7 +114,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         enabled=rc.trainer.reference_cache,
         chunk_tokens=chunk,
         precision=rc.trainer.precision,
-        packing=[packing.mode, packing.pack_tokens],
+        packing=[packing.mode, packing.pack_tokens, packing.shares_prompts(reference, device)],
     )
     if kl_estimator != "token" and not rc.eval.generate:  # nothing reads the model after this pass
         reference = None
@@ -320,17 +323,23 @@ def _all_sequence_logps(
     rows_per_pass: int | None = None,
 ) -> Tensor:
     """(S,) every table sequence's log-prob, in passes of at most `rows_per_pass` rows as wide as the
-    longest sequence (or `pack_tokens`): the whole table packed at once where the model packs (`packing`,
-    None: auto), else length-sorted. `rows_per_pass` None: 16 on CPU, where passes that stay in cache
+    longest sequence (or `pack_tokens`): where the model shares prompts, sequences grouped by prompt, as
+    many tokens per pass; else the whole table packed at once where the model packs (`packing`, None:
+    auto), else length-sorted. `rows_per_pass` None: 16 on CPU, where passes that stay in cache
     run faster (9k against 6k tokens/s for 256 rows, 5.5 M-parameter Llama, 1 thread), 256 elsewhere."""
     from dataclasses import replace
 
     if rows_per_pass is None:
         rows_per_pass = 16 if torch.device(device).type == "cpu" else 256
     lengths, packing = table.lengths(), packing or Packing()
-    budget = (packing.pack_tokens or int(lengths.max())) if packing.packs(model, device) else None
-    packing = replace(packing, pack_tokens=budget)  # each pass re-packs its rows' sequences, as wide
-    passes = whole_table_passes(lengths, rows_per_pass, budget)
+    if packing.shares_prompts(model, device):  # prompt groups, as many tokens per pass as packed rows
+        prompt_lengths = torch.tensor([len(table.prompt_ids[p]) for p in table.sequence_prompt])
+        prompts = torch.tensor(table.sequence_prompt)
+        passes = prompt_group_passes(prompts, lengths, prompt_lengths, rows_per_pass * int(lengths.max()))
+    else:
+        budget = (packing.pack_tokens or int(lengths.max())) if packing.packs(model, device) else None
+        packing = replace(packing, pack_tokens=budget)  # each pass re-packs its rows' sequences, as wide
+        passes = whole_table_passes(lengths, rows_per_pass, budget)
     logps = torch.zeros(len(table), dtype=torch.float32, device=device)
     for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
         logps[part.to(device)] = model_logps(model, table.pad(part).to(device), chunk_tokens, packing)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from prefopt.data.batching import SequenceTable
+from prefopt.models.shared_prompt_attention import IMPLEMENTATION as SHARED_PROMPT_SDPA
 from prefopt.training.reference_fit import cache_dir as fit_cache_dir
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def model_fingerprint(reference) -> str:
         for k, v in module.config.to_dict().items()
         if not k.startswith("_") and k not in {"name_or_path", "transformers_version"}
     }
-    config["attn_implementation"] = getattr(module.config, "_attn_implementation", None)
+    attention = getattr(module.config, "_attn_implementation", None)
+    # Shared-prompt attention is sdpa per group (the layout itself is keyed with the pass settings).
+    config["attn_implementation"] = "sdpa" if attention == SHARED_PROMPT_SDPA else attention
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
