@@ -2,8 +2,9 @@
 
     lp(y | x) = sum_{t in response} log pi(y_t | x, y_<t)
 
-The decoder runs once per row, over padded rows (one sequence each) or packed rows (several, positions
-restarting per sequence: `prefopt.data.packing`); `Packing` picks the layout per model. The lm_head and
+The decoder runs once per row, over padded rows (one sequence each), packed rows (several, positions
+restarting per sequence) or one row of prompt groups (each prompt once, then its responses:
+`prefopt.data.packing`); `Packing` picks the layout per model. The lm_head and
 log-softmax run over the response positions only: through Liger's fused linear + cross-entropy kernel when
 it is installed and the hidden states are on CUDA, else a chunk of `chunk_tokens` positions at a time,
 recomputed in backward (activation checkpointing), so memory holds one (chunk, V) block instead of
