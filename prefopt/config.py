@@ -77,7 +77,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
-    logps_chunk_tokens: int = 2048  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    logps_chunk_tokens: int = 256  # response tokens per lm_head chunk, so full (N, V) logits never coexist
     packing: bool | str = "auto"  # auto (pack where the model keeps sequences apart, else pad) | true | false
     pack_tokens: int | None = None  # tokens per packed row; None: the micro-batch's longest sequence
     share_prompts: bool = True  # packed: a prompt computed once for all its responses, where sdpa allows

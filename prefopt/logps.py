@@ -28,10 +28,17 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.data.batching import PaddedSequences
 from prefopt.data.packing import PackedSequences, pack, share_prompts
-from prefopt.models.shared_prompt_attention import use_shared_prompt_attention, why_not_shareable
+from prefopt.models.shared_prompt_attention import (
+    shared_prompt_inputs,
+    use_shared_prompt_attention,
+    why_not_shareable,
+)
 
 log = logging.getLogger(__name__)
 Rows = PaddedSequences | PackedSequences
+# A (256, V) fp32 block stays in cache through the log-softmax: on CPU the reference pass ran 1.2x and a
+# training step 1.05x faster than with 2048 (5.5 M-parameter Llama, vocab 8192, 1 thread).
+CHUNK_TOKENS = 256
 
 
 def hidden_states(model, rows: Rows) -> Tensor:
@@ -111,7 +118,7 @@ class _LinearLogps(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None
 
 
-def token_logps(lm_head, hidden: Tensor, targets: Tensor, chunk_tokens: int = 2048) -> Tensor:
+def token_logps(lm_head, hidden: Tensor, targets: Tensor, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """log pi(target | h) (n,) fp32 for hidden states (n, D): fused when `fused_kernel_applies`; for a
     plain linear head, chunk by chunk through `_LinearLogps`; else checkpointed chunks of the head."""
     if fused_kernel_applies(lm_head, hidden):
@@ -125,7 +132,7 @@ def token_logps(lm_head, hidden: Tensor, targets: Tensor, chunk_tokens: int = 20
     return _chunked(lambda h, t: _chunk_logps(lm_head, h, t), chunk_tokens, hidden, targets)
 
 
-def sequence_logps(lm_head, hidden: Tensor, rows: Rows, chunk_tokens: int = 2048) -> Tensor:
+def sequence_logps(lm_head, hidden: Tensor, rows: Rows, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """Summed response log-probs per sequence (R,), fp32, from the rows' hidden states (G, T, D)."""
     sequence, row, column, targets = scored_positions(rows)
     logps = token_logps(lm_head, hidden[row, column], targets, chunk_tokens)  # (N,)
@@ -138,7 +145,7 @@ def token_kl(
     reference_head,
     reference_hidden: Tensor,
     rows: Rows,
-    chunk_tokens: int = 2048,
+    chunk_tokens: int = CHUNK_TOKENS,
     reference_rows: Rows | None = None,
 ) -> Tensor:
     """Per sequence (R,): sum over response positions t of KL(pi_ref(.|x, y_<t) || pi_theta(.|x, y_<t)),
@@ -158,7 +165,9 @@ def token_kl(
     return torch.zeros(rows.num_sequences, device=policy_hidden.device).index_add(0, sequence, kl)
 
 
-def model_logps(model, rows: Rows, chunk_tokens: int = 2048, packing: Packing | None = None) -> Tensor:
+def model_logps(
+    model, rows: Rows, chunk_tokens: int = CHUNK_TOKENS, packing: Packing | None = None
+) -> Tensor:
     """Convenience: decoder pass plus chunked log-probs, (R,); padded `rows` are packed by `packing`."""
     if packing is not None and isinstance(rows, PaddedSequences):
         rows = packing.arrange(rows, model, rows.input_ids.device)
@@ -314,12 +323,9 @@ def _shared_prompt_hidden(decoder, groups: list[tuple[list[int], list[list[int]]
             spans.append(slice(len(ids), len(ids) + len(response)))
             ids += response
             positions += range(len(prompt), len(prompt) + len(response))
-    hidden = decoder(
-        input_ids=torch.tensor([ids], device=device),
-        position_ids=torch.tensor([positions], device=device),
-        shared_prompt_segments=tuple((len(p), tuple(map(len, r))) for p, r in groups),
-        use_cache=False,
-    ).last_hidden_state[0]
+    segments = tuple((len(p), tuple(map(len, r))) for p, r in groups)
+    ids, positions = torch.tensor([ids], device=device), torch.tensor([positions], device=device)
+    hidden = decoder(**shared_prompt_inputs(ids, positions, segments), use_cache=False).last_hidden_state[0]
     return [hidden[span].float() for span in spans]
 
 

@@ -216,15 +216,24 @@ def test_eager_attention_and_sliding_windows_are_not_switched():
     assert windowed.config._attn_implementation == "sdpa"
 
 
-def test_a_model_that_fails_the_group_probe_goes_back_to_sdpa(monkeypatch):
-    """If the attention layers let groups see each other (here: the segments ignored, plain causal sdpa
-    over the whole row), the probe catches it, the model is switched back and packs rows instead."""
+def _causal_over_the_row(module, query, key, value, attention_mask, shared_prompt_segments=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def leaky(module, query, key, value, attention_mask, shared_prompt_segments=None, **kwargs):
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
-    monkeypatch.setattr(attention, "shared_prompt_attention", leaky)
+
+def _segments_never_arrive(module, query, key, value, attention_mask, shared_prompt_segments=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # the placeholder
+
+
+@pytest.mark.parametrize("broken", [_causal_over_the_row, _segments_never_arrive])
+def test_a_model_that_fails_the_group_probe_goes_back_to_sdpa(monkeypatch, broken):
+    """If the attention layers let groups see each other (the segments ignored and plain causal sdpa over
+    the whole row; or a decoder that never passes them down, so sdpa reads the (1, 1, 1, 1) placeholder
+    mask and attends everywhere), the probe catches it: the model goes back to sdpa and packs rows."""
+    monkeypatch.setattr(attention, "shared_prompt_attention", broken)
     model, _ = tiny_model()
     try:
         support = supports_packing(model, CPU)

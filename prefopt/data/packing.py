@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prefopt.models.shared_prompt_attention import Segments
+from prefopt.models.shared_prompt_attention import Segments, shared_prompt_inputs
 
 
 @dataclass
@@ -51,8 +51,9 @@ class PackedSequences:
         return self.response_start
 
     def decoder_inputs(self) -> dict:
-        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        return inputs | ({"shared_prompt_segments": self.segments} if self.segments is not None else {})
+        if self.segments is not None:
+            return shared_prompt_inputs(self.input_ids, self.position_ids, self.segments)
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids}
 
 
 def best_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:

@@ -58,6 +58,20 @@ def shared_prompt_attention(
     return torch.cat(outputs, 1), None
 
 
+def shared_prompt_inputs(input_ids: Tensor, position_ids: Tensor, segments: Segments) -> dict:
+    """The decoder's keyword arguments for one row of groups (1, T). The attention mask is a (1, 1, 1, 1)
+    placeholder: transformers takes any 4D mask as already built, so it builds no (T, T) mask that the
+    groups' attention would never read. A decoder that did not pass `shared_prompt_segments` down would
+    attend everywhere under that placeholder, which `prefopt.logps.supports_packing` detects."""
+    placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": placeholder,
+        "shared_prompt_segments": segments,
+    }
+
+
 def _register() -> None:
     """Make `IMPLEMENTATION` a transformers attention implementation with sdpa's mask builder (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from prefopt.data.batching import Batch
 from prefopt.kl import KL_ESTIMATORS
-from prefopt.logps import Packing, hidden_states, sequence_logps, token_kl
+from prefopt.logps import CHUNK_TOKENS, Packing, hidden_states, sequence_logps, token_kl
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
 
@@ -29,7 +29,7 @@ class LossInputs:
     reference_model: nn.Module | None = None  # live frozen reference (token-level KL only)
     value_head: nn.Module | None = None
     kl_estimator: str | None = None  # exact | samples | token, when the objective needs a KL
-    chunk_tokens: int = 2048
+    chunk_tokens: int = CHUNK_TOKENS
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
     packing: Packing = Packing()  # padded batch rows -> the rows each model's decoder reads
 
