@@ -102,7 +102,7 @@ class TrainerConfig:
     strategy: str = "auto"  # under torchrun: fsdp (FSDP2) | ddp | single; auto: fsdp with several processes
     compile: bool = False  # torch.compile the decoder (dynamic shapes)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
-    fused_optimizer: bool | None = None  # fused AdamW kernel; None: on CUDA
+    fused_optimizer: bool | None = None  # fused AdamW kernel; None: on CUDA and CPU
     param_dtype: str | None = None  # FSDP2 compute weights (bfloat16) over fp32 master shards; None: as is
     reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
 

@@ -13,7 +13,8 @@ from prefopt.training.seeding import seed_everything
 
 
 def _adamw(groups, cfg, device):
-    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type == "cuda"
+    # The fused kernel, CPU included: 5 against 21-26 ms a step for 5.5 M parameters on one thread.
+    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), fused=fused or None)
 
 
