@@ -1,13 +1,14 @@
-"""Real (non-padding) tokens per second of the DPO train step, padded vs packed, fixed vs variable lengths.
+"""Real (non-padding) tokens per second of the DPO train step, padded vs packed rows vs shared prompts, fixed
+vs variable lengths.
 
 A random 5.5 M-parameter Llama (vocabulary 8192, width 256, 4 layers, MLP 768) on CPU with one thread, 8
 pairs per step (16 sequences): fixed lengths (prompt 64 + response 64 tokens) against variable ones
 (prompt 8-128, response 4-128, uniform). Each step is the loop's: make_batch, pair_loss (forward, chunked
-log-probs, DPO loss), backward, AdamW step. The four cases run interleaved, `--rounds` rounds of
+log-probs, DPO loss), backward, AdamW step. The six cases run interleaved, `--rounds` rounds of
 `--steps` steps each, and the median round counts. Time is the process's CPU time (one thread), so other
 work on a shared machine does not count. The reference pass over a table of variable sequences is timed
-too: the old layout (256 rows in table order, padded) against the new (length-sorted passes, padded or
-packed).
+too: the old layout (256 rows in table order, padded) against the new (length-sorted passes, padded,
+packed, or grouped by prompt).
 
     .venv/bin/python benchmarks/packing_throughput.py [--rounds 5] [--steps 4] [--threads 1]
 """
@@ -21,7 +22,7 @@ import time
 import torch
 
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
-from prefopt.data.packing import pack, whole_table_passes
+from prefopt.data.packing import pack, prompt_group_passes, share_prompts, whole_table_passes
 from prefopt.logps import Packing, model_logps
 from prefopt.models.tiny import TinyModelConfig, build_tiny
 from prefopt.objectives import OBJECTIVES
@@ -89,10 +90,13 @@ def train_step_throughput(tokenizer, rounds: int, steps: int, pairs_per_step: in
     # The policy starts at the reference: DPO margins near 0. (Zeros would give margins of hundreds of
     # nats on variable lengths, gradients ~ sigmoid(-50) and denormal arithmetic, 10x slower on CPU.)
     with torch.no_grad():
-        reference = {
-            name: _all_sequence_logps(model, table, 2048, "cpu") for name, (table, _) in data.items()
-        }
-    cases = [(lengths, packing) for lengths in LENGTHS for packing in ("padded", "packed")]
+        reference = {name: _all_sequence_logps(model, table, 256, "cpu") for name, (table, _) in data.items()}
+    layouts = {
+        "padded": Packing(False),
+        "packed": Packing(pack_tokens=pack_tokens, share_prompts=False),
+        "shared": Packing(pack_tokens=pack_tokens),  # the default: one row of prompt groups
+    }
+    cases = [(lengths, packing) for lengths in LENGTHS for packing in layouts]
     samples = {case: [] for case in cases}
     tokens = {case: [0, 0] for case in cases}  # real, computed
     for round_ in range(rounds + 1):  # round 0 warms up
@@ -103,7 +107,7 @@ def train_step_throughput(tokenizer, rounds: int, steps: int, pairs_per_step: in
                 hparams=DPOConfig(),
                 reference_logps=reference[lengths],
                 aux_rewards=None,
-                packing=Packing(packing == "packed", pack_tokens),
+                packing=layouts[packing],
             )
             start = round_ * steps
             seconds, real, done = run_round(
@@ -116,19 +120,17 @@ def train_step_throughput(tokenizer, rounds: int, steps: int, pairs_per_step: in
     medians = {case: statistics.median(values) for case, values in samples.items()}
     base = medians[("fixed", "padded")]
     print(f"\ntrain step, {pairs_per_step} pairs, median of {rounds} rounds x {steps} steps")
-    print(f"{'lengths':10} {'layout':8} {'real tok/s':>11} {'vs fixed padded':>16} {'padding':>8}")
+    print(f"{'lengths':10} {'layout':8} {'real tok/s':>11} {'vs fixed padded':>16} {'positions/token':>16}")
     for (lengths, packing), value in medians.items():
         real, done = tokens[(lengths, packing)]
-        print(f"{lengths:10} {packing:8} {value:11.0f} {value / base:16.2f} {1 - real / done:8.0%}")
+        print(f"{lengths:10} {packing:8} {value:11.0f} {value / base:16.2f} {done / real:16.2f}")
     return {f"{lengths}/{packing}": value for (lengths, packing), value in medians.items()}
 
 
-def padding_share(table: SequenceTable, passes, budget: int | None = None) -> float:
-    """Padding positions / all positions of the passes, padded (`budget` None) or packed."""
-    lengths = table.lengths()
-    rows = [table.pad(part) for part in passes]
-    computed = sum(r.input_ids.numel() if budget is None else pack(r, budget).input_ids.numel() for r in rows)
-    return 1 - int(lengths.sum()) / computed
+def positions_per_token(table: SequenceTable, passes, layout=lambda rows: rows) -> float:
+    """Positions the decoder computes over the passes (padded, or as `layout` arranges them) per token."""
+    computed = sum(layout(table.pad(part)).input_ids.numel() for part in passes)
+    return computed / int(table.lengths().sum())
 
 
 @torch.no_grad()
@@ -139,30 +141,34 @@ def reference_pass(tokenizer, num_pairs: int) -> None:
     old_passes = torch.arange(len(table)).split(256)
     began = time.process_time()
     for part in old_passes:
-        model_logps(model, table.pad(part), 2048)
+        model_logps(model, table.pad(part), 256)
     old = time.process_time() - began
     lengths, longest, results = table.lengths(), int(table.lengths().max()), {}
+    # The passes `_all_sequence_logps` makes on CPU (16 rows, or as many tokens): what the timings below ran.
+    prompt_lengths = torch.tensor([len(table.prompt_ids[p]) for p in table.sequence_prompt])
+    groups = prompt_group_passes(torch.tensor(table.sequence_prompt), lengths, prompt_lengths, 16 * longest)
     cases = {
-        "256 rows in table order, padded": (old, padding_share(table, old_passes)),
+        "256 rows in table order, padded": (old, positions_per_token(table, old_passes)),
         "length-sorted, padded": (
             Packing(False),
-            padding_share(table, whole_table_passes(lengths, 256, None)),
+            positions_per_token(table, whole_table_passes(lengths, 16, None)),
         ),
         "whole table packed": (
-            Packing(),
-            padding_share(table, whole_table_passes(lengths, 256, longest), longest),
+            Packing(share_prompts=False),
+            positions_per_token(table, whole_table_passes(lengths, 16, longest), lambda r: pack(r, longest)),
         ),
+        "grouped by prompt (shared)": (Packing(), positions_per_token(table, groups, share_prompts)),
     }
     for name, (packing, share) in cases.items():
         if isinstance(packing, Packing):
             began = time.process_time()
-            _all_sequence_logps(model, table, 2048, cpu, packing)
+            _all_sequence_logps(model, table, 256, cpu, packing)
             packing = time.process_time() - began
         results[name] = (packing, share)
     real = int(lengths.sum())
     print(f"\nreference pass, {len(table)} variable sequences ({real} real tokens)")
     for name, (seconds, share) in results.items():
-        print(f"  {name:31}: {real / seconds:8.0f} real tok/s, {share:.0%} padding")
+        print(f"  {name:31}: {real / seconds:8.0f} real tok/s, {share:.2f} positions per real token")
 
 
 def main() -> None:
