@@ -25,10 +25,10 @@ from prefopt.logps import (
     fused_token_logps,
     hidden_states,
     model_logps,
-    supports_packing,
     token_kl,
     token_logps,
 )
+from prefopt.models.packing_support import supports_packing
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.training.prepare import _all_sequence_logps
 
@@ -446,7 +446,7 @@ def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monke
     monkeypatch.setattr(prefopt.logps, "pack", counting(prefopt.logps.pack))
     monkeypatch.setattr(prefopt.logps, "share_prompts", counting(prefopt.logps.share_prompts))
     steps = [*objective, "trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.micro_batch_size=16"]
-    caplog.set_level(logging.INFO, logger="prefopt.logps")
+    caplog.set_level(logging.INFO, logger="prefopt.models.packing_support")
     shared = run_training(tmp_path / "shared", *steps)  # packing: auto
     assert "a prompt computed once for all its responses" in caplog.text
     assert layouts and all(shares for _, shares in layouts)  # training, evaluation, reference pass

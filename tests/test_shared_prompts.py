@@ -15,7 +15,8 @@ from test_packing import ARCHITECTURES, MORE_ROWS, logps_and_grads, opt_model, p
 
 import prefopt.models.shared_prompt_attention as attention
 from prefopt.data.packing import prompt_group_passes, share_prompts
-from prefopt.logps import Packing, hidden_states, model_logps, supports_packing, token_kl
+from prefopt.logps import Packing, hidden_states, model_logps, token_kl
+from prefopt.models.packing_support import supports_packing
 from prefopt.models.shared_prompt_attention import IMPLEMENTATION
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.training.prepare import _all_sequence_logps

@@ -4,7 +4,7 @@ Position ids restart at 0 at every sequence, and that is all a transformers deco
 apart: given no attention mask, it reads the sequence boundaries from the position ids and builds a
 block-diagonal causal mask (sdpa, eager, flex attention) or hands them to flash attention's varlen kernel.
 A row's unused tail restarts its positions too, so it is one more sequence that nothing reads.
-`prefopt.logps.supports_packing` checks that a model does keep packed sequences apart.
+`prefopt.models.packing_support.supports_packing` checks that a model does keep packed sequences apart.
 
 `share_prompts` goes further where the model takes `prefopt.models.shared_prompt_attention`: one row of
 prompt groups, each prompt once and then its responses, so a pair's prompt is computed once, not twice.

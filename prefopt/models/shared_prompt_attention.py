@@ -62,7 +62,7 @@ def shared_prompt_inputs(input_ids: Tensor, position_ids: Tensor, segments: Segm
     """The decoder's keyword arguments for one row of groups (1, T). The attention mask is a (1, 1, 1, 1)
     placeholder: transformers takes any 4D mask as already built, so it builds no (T, T) mask that the
     groups' attention would never read. A decoder that did not pass `shared_prompt_segments` down would
-    attend everywhere under that placeholder, which `prefopt.logps.supports_packing` detects."""
+    attend everywhere under that placeholder, which `prefopt.models.packing_support` detects."""
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=input_ids.device)
     return {
         "input_ids": input_ids,

@@ -48,7 +48,12 @@ from prefopt.training.reference_fit import cache_dir as fit_cache_dir
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the stored layout or the key's meaning changes
-CODE_MODULES = ("prefopt.logps", "prefopt.training.prepare")  # the code whose source the values depend on
+CODE_MODULES = (  # the code whose source the values depend on
+    "prefopt.logps",
+    "prefopt.data.packing",
+    "prefopt.models.shared_prompt_attention",
+    "prefopt.training.prepare",
+)
 CODE_PACKAGES = ("torch", "transformers", "peft")
 KEY_CHARS_LOGGED = 12
 
