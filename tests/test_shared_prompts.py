@@ -243,3 +243,23 @@ def test_a_model_that_fails_the_group_probe_goes_back_to_sdpa(monkeypatch, broke
         attention._register()  # the real one again, for every model switched after this test
     assert not support.shares_prompts and support.layout == "rows"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_one_token_sibling_response_under_grouped_query_attention():
+    """A later response of one token is a one-query attention call, which sdpa handles apart for grouped
+    keys: prompt [1 5 6] with responses [7 8] and [9], and prompt [2 3] with [4], as padded rows."""
+    from prefopt.data.batching import PaddedSequences
+
+    _, tokenizer = tiny_model()
+    model = qwen2_gqa_model(tokenizer)
+    sequences, prompts = [[1, 5, 6, 7, 8], [1, 5, 6, 9], [2, 3, 4]], [3, 3, 2]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask, response_mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for i, sequence in enumerate(sequences):
+        ids[i, : len(sequence)], mask[i, : len(sequence)] = torch.tensor(sequence), 1
+        response_mask[i, prompts[i] : len(sequence)] = True
+    rows = PaddedSequences(ids, mask, response_mask, torch.tensor(prompts))
+    shared = Packing().arrange(rows, model, CPU)
+    assert shared.segments == ((3, (2, 1)), (2, (1,)))
+    with torch.no_grad():
+        torch.testing.assert_close(model_logps(model, shared), model_logps(model, rows), atol=1e-5, rtol=0)
