@@ -124,7 +124,7 @@ def neox_model(tokenizer):
     return GPTNeoXForCausalLM(config)
 
 
-def qwen2_eager_model(tokenizer):
+def qwen2_model(tokenizer, attention: str = "eager", heads: int = 2, kv_heads: int = 1):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -132,11 +132,14 @@ def qwen2_eager_model(tokenizer):
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        attn_implementation="eager",
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        attn_implementation=attention,
     )
     return Qwen2ForCausalLM(config)
+
+
+qwen2_eager_model = qwen2_model
 
 
 ARCHITECTURES = {"llama": None, "gpt2": gpt2_model, "gpt_neox": neox_model, "qwen2_eager": qwen2_eager_model}

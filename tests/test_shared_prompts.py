@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import torch_threads
 from test_logps import ROWS, naive_logps, perturbed, table_of, tiny_model
-from test_packing import ARCHITECTURES, MORE_ROWS, logps_and_grads, opt_model, packed_table
+from test_packing import ARCHITECTURES, MORE_ROWS, logps_and_grads, opt_model, packed_table, qwen2_model
 
 import prefopt.models.shared_prompt_attention as attention
 from prefopt.data.packing import prompt_group_passes, share_prompts
@@ -32,19 +32,8 @@ def _one_thread():
 
 def qwen2_gqa_model(tokenizer):
     """Grouped-query attention on sdpa (2 query heads per key head): the groups' masked calls repeat keys."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(config).float()
+    return qwen2_model(tokenizer, "sdpa", heads=4, kv_heads=2).float()
 
 
 def sdpa_model(arch: str):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from prefopt.data.batching import Batch
 from prefopt.kl import KL_ESTIMATORS
 from prefopt.logps import CHUNK_TOKENS, Packing, hidden_states, sequence_logps, token_kl
+from prefopt.models.packing_support import supports_packing
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
 
@@ -81,7 +82,10 @@ def _kl(policy, hidden, logps, row_reference, rows, batch: Batch, inputs: LossIn
     """(B,) estimate of KL(pi_ref(.|x) || pi_theta(.|x)) for each pair's prompt."""
     if inputs.kl_estimator == "token":  # over the pair's own responses, full vocabulary per position
         reference = inputs.reference_model
-        reference_rows = inputs.packing.arrange(batch.rows, reference, device).to(device)
+        same_layout = supports_packing(reference, device) == supports_packing(policy, device)
+        reference_rows = (
+            rows if same_layout else inputs.packing.arrange(batch.rows, reference, device).to(device)
+        )
         with torch.no_grad():
             reference_hidden = hidden_states(reference, reference_rows)
         per_row = token_kl(
