@@ -1,0 +1,145 @@
+"""Files a run writes and reads, safely: atomic writes, one writer per run dir, checked reads.
+
+- `atomic_write_text` / `atomic_write_json` / `atomic_write_bytes`: a temporary file in the target's own
+  directory, flushed and fsynced, then renamed over the target (and the directory fsynced), so a reader,
+  a kill or a full disk sees the old content or the new one, never half of it. A failed write removes its
+  temporary file.
+- `RunDirLock`: an exclusive `fcntl.flock` on `<run dir>/.lock`, held for the life of the process that took
+  it; the kernel releases it when that process dies, however it dies, so a stale lock file never blocks.
+- `read_json`: a JSON file, with the file's path in the error when it is unreadable or damaged.
+- `is_disk_full`: whether an error (or one it was raised from) is ENOSPC / EDQUOT.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run dir's lock."""
+
+
+class DamagedFile(ValueError):
+    """A file exists but does not read back as what was written (truncated, garbage, wrong digest)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` holds either its old content or all of `data`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, value, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(value, indent=indent))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path):
+    """The JSON value in `path`; DamagedFile naming the file when it is empty or not JSON, OSError (which
+    names the file) when it cannot be read."""
+    path = Path(path)
+    text = path.read_bytes()
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFile(f"{path}: damaged ({'empty' if not text.strip() else error})") from None
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised from, is 'no space left' (ENOSPC, EDQUOT)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):  # libraries that wrap the OSError in their own type
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class RunDirLock:
+    """Exclusive lock on a run dir for one writer: `acquire()` raises RunDirLocked naming the dir and the
+    holder's pid. Re-entrant within a process (a second `acquire` of the same dir is a no-op)."""
+
+    _held: dict[str, int] = {}  # resolved dir -> open descriptor, per process
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_FILE
+
+    def acquire(self) -> RunDirLock:
+        key = str(self.run_dir.resolve())
+        if key in self._held:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise RunDirLocked(
+                f"{self.run_dir} is in use by another prefopt process"
+                f"{f' (pid {holder})' if holder else ''}; wait for it to end, or choose another run dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._held[key] = fd
+        return self
+
+    def release(self) -> None:
+        fd = self._held.pop(str(self.run_dir.resolve()), None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
