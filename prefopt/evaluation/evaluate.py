@@ -16,7 +16,7 @@ from prefopt.evaluation.exact import exact_metrics
 from prefopt.logps import model_logps
 from prefopt.progress import progress
 from prefopt.training.prepare import PreparedRun
-from prefopt.training.step import pair_loss
+from prefopt.training.step import pair_loss, reference_side
 
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a metric key with a per-prompt path segment
 
@@ -61,11 +61,12 @@ def candidate_logps(run: PreparedRun, device, autocast) -> torch.Tensor:
 
 def candidate_metrics(run: PreparedRun, device, autocast) -> dict[str, float]:
     ids, shape = run.candidates.flatten().to(device), run.candidates.shape
-    reference_logps = run.inputs.reference_logps[ids].view(shape)
+    policy_logps = candidate_logps(run, device, autocast)
+    reference_logps = reference_side(run.inputs, policy_logps.flatten(), ids).view(shape)
 
     def per_candidate(scores):
         return scores[ids].view(shape)
 
     aux = per_candidate(run.inputs.aux_rewards) if run.inputs.aux_rewards is not None else None
     components = {name: per_candidate(scores) for name, scores in run.aux_components.items()}
-    return exact_metrics(run.task, candidate_logps(run, device, autocast), reference_logps, aux, components)
+    return exact_metrics(run.task, policy_logps, reference_logps, aux, components)

@@ -33,6 +33,20 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout")
+
+
+def has_dropout(model) -> bool:
+    """Whether the model's training-mode forward is random: a dropout module with p > 0 (LoRA's too) or
+    a dropout probability in its config that functional attention reads (Llama's `attention_dropout`)."""
+    import torch
+
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(float(getattr(config, key, 0) or 0) > 0 for key in DROPOUT_CONFIG_KEYS)
+
+
 __all__ = [
     "MODELS",
     "SPECIAL_TOKENS",
@@ -45,6 +59,7 @@ __all__ = [
     "build_tiny",
     "build_word_tokenizer",
     "count_parameters",
+    "has_dropout",
     "is_lora",
     "load_pretrained",
     "load_reference",

@@ -145,6 +145,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         chunk_tokens=chunk,
         aux_components=aux_components,
         packing=packing,
+        policy_is_reference=not getattr(rc.model, "reference_name_or_path", None),  # pi_ref = pi_theta0
     )
     return PreparedRun(
         policy=policy,

@@ -33,6 +33,10 @@ class LossInputs:
     chunk_tokens: int = CHUNK_TOKENS
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
     packing: Packing = Packing()  # padded batch rows -> the rows each model's decoder reads
+    # True while the policy's forward is the reference's (no optimizer step yet, pi_ref built from the
+    # starting policy, no dropout): the reference side is then the policy's own log-probs of this very
+    # pass (see `reference_side`), so step 0's margins are exactly 0 on any machine
+    policy_is_reference: bool = False
 
 
 def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, device) -> tuple[Tensor, dict]:
@@ -43,9 +47,7 @@ def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, de
     logps = sequence_logps(policy.get_output_embeddings(), hidden, rows, inputs.chunk_tokens)  # (R,)
     chosen, rejected = batch.chosen_rows.to(device), batch.rejected_rows.to(device)
     policy_pairs = PairLogps(logps[chosen], logps[rejected])
-    row_reference = (
-        inputs.reference_logps[batch.sequence_ids.to(device)] if inputs.reference_logps is not None else None
-    )
+    row_reference = reference_side(inputs, logps, batch.sequence_ids.to(device))
     reference_pairs = PairLogps(row_reference[chosen], row_reference[rejected]) if needs.reference else None
     tokens = rows.response_tokens.float()
     extras = Extras(
@@ -61,6 +63,20 @@ def pair_loss(policy: nn.Module, batch: Batch, inputs: LossInputs, step: int, de
     )
     output = inputs.objective.loss(policy_pairs, reference_pairs, extras, **inputs.hparams.loss_kwargs())
     return output.losses.sum(), _metric_sums(output, policy_pairs, extras, inputs, batch, device)
+
+
+def reference_side(inputs: LossInputs, policy_logps: Tensor, sequence_ids: Tensor) -> Tensor | None:
+    """(R,) the reference's log-probs of the rows whose policy log-probs are `policy_logps`.
+
+    The cached values come from one pass over the whole table in its own layout (packed or prompt-grouped
+    rows), the policy's from this batch's layout; equal weights give equal log-probs only up to float
+    rounding (+-1e-8 here, ties broken at random). While the policy *is* the reference, its own log-probs
+    of this pass are the reference's exactly: margins are 0 and every pair a tie, as the math says."""
+    if inputs.policy_is_reference:
+        return policy_logps.detach()
+    if inputs.reference_logps is None:
+        return None
+    return inputs.reference_logps[sequence_ids]
 
 
 def _values(value_head, hidden: Tensor, rows, chosen: Tensor) -> Tensor:

@@ -117,6 +117,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
     from prefopt.data.batching import PairSampler
     from prefopt.evaluation.convergence import run_convergence
     from prefopt.evaluation.evaluate import evaluate
+    from prefopt.models import has_dropout
     from prefopt.progress import progress, quiet_library_progress_bars
     from prefopt.training.checkpoint import load_checkpoint
     from prefopt.training.distributed import (
@@ -193,6 +194,8 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
     elif rc.eval.at_start:
         state.reference_eval, state.reference_detail = run_eval(0)
     run.policy.train()
+    if state.step_losses or has_dropout(run.policy):  # trained already, or a random training forward
+        run.inputs.policy_is_reference = False
     log.info("training: steps %d-%d of %d pairs", state.step + 1, max_steps, sampler.batch_size)
     every = rc.trainer.checkpoint_every_steps
     tokens, window_start = 0, time.perf_counter()
@@ -207,6 +210,8 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
         step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
         if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
             optimizer.step()
+            if step_sums["lr"] > 0:  # warm-up's first step (lr 0) leaves the weights as they were
+                run.inputs.policy_is_reference = False  # the cached reference log-probs are read from now
             record_step(state, step_sums)
         else:  # a non-finite loss or gradient never reaches the weights
             skip_bad_step(state, step, examples, step_sums, rc.trainer.max_bad_steps)
