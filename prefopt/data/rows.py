@@ -1,8 +1,9 @@
 """From a split's rows to checked pairs, the same way for every dataset: a bad row (missing field, empty
 or non-text response, chosen == rejected, a label outside [0, 1]) is skipped and counted, and the first few
 are named (file and line) in one warning and in the report; with `dataset.strict=true` the first one is an
-error naming file, line and field. An empty split is an error; the held-out cut refuses to be tiny; the
-sizes of both splits are logged."""
+error naming file, line and field. The warning comes before any size check, and a split with no usable
+pairs or a held-out cut too small says in its error what was dropped and why (a `DataError`). The sizes of
+both splits are logged."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prefopt.data.pairs import BadRow, Filtered, Pair, TextData, TextPairs, check_pair, collect_pairs
-from prefopt.data.source import RowLocator, Source, SourceConfig, open_source
+from prefopt.data.source import DataError, RowLocator, Source, SourceConfig, open_source
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def collect(
         elif isinstance(result, BadRow):
             where = locate(index)
             if strict:
-                raise ValueError(
+                raise DataError(
                     f"dataset={dataset}: {where}: field {result.field!r}: {result.reason} "
                     "(dataset.strict=true: the first bad row stops the run)"
                 )
@@ -85,8 +86,12 @@ def collect(
             pairs.append(result)
     report.kept = len(pairs)
     if not pairs:
-        causes = dict(report.reasons) | dict(report.filtered)
-        raise ValueError(f"dataset={dataset} split {split!r}: no usable pairs in {report.read} rows {causes}")
+        files = ", ".join(locate.files()) if isinstance(locate, RowLocator) else ""
+        raise DataError(
+            f"dataset={dataset} split {split!r}: no usable pairs in {report.read} rows"
+            + (f" of {files}" if files else "")
+            + (f": every row dropped: {_why(report)}" if report.read else "")
+        )
     return collect_pairs(pairs), report
 
 
@@ -99,7 +104,7 @@ def read_split(
     rows = source.split(split, key)
     missing = [c for c in columns if c not in rows.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"dataset={dataset} {source.name} split {split!r}: no column {missing} "
             f"(it has {rows.column_names})"
         )
@@ -118,18 +123,26 @@ def load_text_data(
         dataset, source, cfg, "train_split", "train", columns, pairs_of, optional
     )
     reports = [train_report]
-    if cfg.eval_split is not None and cfg.eval_split in source.splits:
+    has_eval = cfg.eval_split is not None and cfg.eval_split in source.splits
+    if has_eval:
         held_out, eval_report = read_split(
             dataset, source, cfg, "eval_split", "eval", columns, pairs_of, optional
         )
         reports.append(eval_report)
+    warn_bad_rows(dataset, reports)  # before any size check: what was dropped is said first
+    if has_eval:
         eval_from = f"split {cfg.eval_split!r}"
         if len(held_out) < cfg.min_eval_pairs:
-            log.warning("dataset=%s: only %d held-out pairs in %s", dataset, len(held_out), eval_from)
+            log.warning(
+                "dataset=%s: only %d held-out pairs in %s (%s)",
+                dataset,
+                len(held_out),
+                eval_from,
+                dropped(reports),
+            )
     else:
-        train, held_out = hold_out(train, cfg, seed, dataset, list(source.splits))
+        train, held_out = hold_out(train, cfg, seed, dataset, list(source.splits), dropped(reports))
         eval_from = f"{cfg.eval_fraction:g} of split {cfg.train_split!r} held out (seed {seed})"
-    warn_bad_rows(dataset, reports)
     log.info(
         "dataset=%s: %d train pairs (split %r), %d eval pairs (%s)",
         dataset,
@@ -150,13 +163,17 @@ def load_text_data(
     )
 
 
-def hold_out(train: TextPairs, cfg: SourceConfig, seed: int, dataset: str, splits: list[str]):
-    """(train, held-out): a seeded `eval_fraction` of train, refused below `min_eval_pairs`."""
+def hold_out(
+    train: TextPairs, cfg: SourceConfig, seed: int, dataset: str, splits: list[str], dropped: str = ""
+):
+    """(train, held-out): a seeded `eval_fraction` of train, refused below `min_eval_pairs` (the error
+    says what `dropped` says: rows skipped or filtered on the way)."""
     cut = round(cfg.eval_fraction * len(train))
     if cut < cfg.min_eval_pairs or cut >= len(train):
-        raise ValueError(
+        raise DataError(
             f"dataset={dataset}: no eval split {cfg.eval_split!r} (splits: {splits}), and "
-            f"dataset.eval_fraction={cfg.eval_fraction:g} of {len(train)} train pairs holds out {cut}, "
+            f"dataset.eval_fraction={cfg.eval_fraction:g} of {len(train)} train pairs "
+            f"({dropped or 'no rows dropped'}) holds out {cut}, "
             f"fewer than dataset.min_eval_pairs={cfg.min_eval_pairs}: give an eval split (a test file beside "
             "the train file, dataset.eval_split, or dataset.data_files={train: ..., test: ...}), raise "
             "dataset.eval_fraction, or lower dataset.min_eval_pairs"
@@ -166,6 +183,35 @@ def hold_out(train: TextPairs, cfg: SourceConfig, seed: int, dataset: str, split
     if cfg.max_eval_examples is not None:
         held_out = held_out.subset(range(min(cfg.max_eval_examples, len(held_out))))
     return train.subset(np.sort(order[cut:])), held_out
+
+
+def dropped(reports: list[SplitReport]) -> str:
+    """What the splits dropped and why, e.g. "split 'train': 40 of 80 rows dropped: prompt: not text (40; e.g.
+    pairs.jsonl lines 3, 5, 7)"; "no rows dropped" when none were."""
+    parts = [
+        f"split {r.split!r}: {r.skipped + r.filtered.total()} of {r.read} rows dropped: {_why(r)}"
+        for r in reports
+        if r.skipped or r.filtered
+    ]
+    return "; ".join(parts) or "no rows dropped"
+
+
+def _why(r: SplitReport) -> str:
+    why = [f"{reason} ({count})" for reason, count in r.reasons.most_common()]
+    why += [f"filtered: {reason} ({count})" for reason, count in r.filtered.most_common()]
+    return ", ".join(why) + (f"; e.g. {_rows([b['row'] for b in r.first_bad])}" if r.first_bad else "")
+
+
+def _rows(rows: list[str]) -> str:
+    """["f line 3", "f line 5", "g line 2"] -> "f lines 3, 5, g line 2"."""
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        file, sep, line = row.rpartition(" line ")
+        groups.setdefault(file if sep else row, []).append(line if sep else "")
+    return ", ".join(
+        f"{file} line{'s' * (len(lines) > 1)} {', '.join(lines)}" if lines[0] else file
+        for file, lines in groups.items()
+    )
 
 
 def warn_bad_rows(dataset: str, reports: list[SplitReport]) -> None:

@@ -1,6 +1,9 @@
 """Where a dataset's rows come from: a hub name, a local file, a local dir of split files, or a builder
 (json | csv | parquet) with `data_files`, always through `datasets.load_dataset`; and where a row sits in
 its file, so a bad row is named by the file's line (jsonl, csv) or record index (json array, parquet).
+
+Local text files are checked before `datasets` reads them (an empty file, a byte that is not UTF-8), and a
+file it cannot parse is read again to find the line: each is a `DataError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefopt.config import ConfigFieldError, MissingPathError
+from prefopt.config import ConfigError, ConfigFieldError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 GLOB = set("*?[")
+
+
+class DataError(ConfigError):
+    """A data file cannot be read, or a split gives no usable pairs; one line naming the file and the line
+    (a ConfigError: the CLI prints it as one line and exits 2)."""
 
 
 @dataclass
@@ -99,7 +107,7 @@ class Source:
 
     def split(self, split: str, key: str):
         if split not in self.splits:
-            raise ValueError(f"dataset.{key}: no split {split!r} in {self.name} (it has {list(self.splits)})")
+            raise DataError(f"dataset.{key}: no split {split!r} in {self.name} (it has {list(self.splits)})")
         return self.splits[split]
 
     def files(self, split: str) -> list[str] | None:
@@ -114,11 +122,22 @@ class Source:
 
 
 def open_source(cfg: SourceConfig, dataset: str) -> Source:
-    """`load_dataset` on what `dataset.path` names; a missing local file or dir is a one-line error."""
+    """`load_dataset` on what `dataset.path` names; a missing local file or dir is a one-line error, and so
+    is a local file that is empty, not UTF-8 or not parseable (naming the file and line)."""
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
     path, kwargs = load_arguments(cfg)
+    files = local_files(path, kwargs)
+    try:
+        for split, names in files.items():
+            for file in names:
+                check_text_file(Path(file), split)
+    except DataError as error:
+        raise DataError(f"dataset={dataset}: {error}") from None
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = json_log.level
+    json_log.setLevel(logging.CRITICAL)  # its parse errors are ours to report, once, with the line
     try:
         splits = load_dataset(path, **kwargs)
     except OSError as error:  # a hub name not found or not reachable, data files that match nothing
@@ -127,12 +146,81 @@ def open_source(cfg: SourceConfig, dataset: str) -> Source:
         raise FileNotFoundError(
             f"dataset={dataset} dataset.path={cfg.path}{hint}: {_first_line(error)}"
         ) from error
-    except DatasetGenerationError as error:  # a file it cannot parse (the cause says why)
-        cause = error.__cause__ or error
-        raise ValueError(
-            f"dataset={dataset} dataset.path={cfg.path}: cannot read its rows: {_first_line(cause)}"
-        ) from error
+    except DatasetGenerationError as error:  # a file it cannot parse: find the line, else the cause says why
+        where = next(filter(None, (json_error(Path(f)) for fs in files.values() for f in fs)), None)
+        cause = (
+            where or f"dataset.path={cfg.path}: cannot read its rows: {_first_line(error.__cause__ or error)}"
+        )
+        raise DataError(f"dataset={dataset}: {cause}") from error
+    finally:
+        json_log.setLevel(level)
     return Source(splits, cfg.path, (path, kwargs))
+
+
+def local_files(path: str, kwargs: dict) -> dict[str, list[str]]:
+    """{split: local files} that `load_dataset(path, **kwargs)` will read; {} for a hub name (or when the
+    files cannot be resolved: `load_dataset` then says why)."""
+    from datasets import load_dataset_builder
+
+    if path not in BUILDERS.values() and not Path(path).expanduser().is_dir():
+        return {}
+    try:
+        data_files = load_dataset_builder(path, **kwargs).config.data_files or {}
+    except Exception:  # noqa: BLE001 - load_dataset reports it in its own words
+        return {}
+    return {str(split): [str(f) for f in fs if Path(str(f)).is_file()] for split, fs in data_files.items()}
+
+
+def _open(file: Path, mode: str):
+    return gzip.open(file, mode) if file.suffix == ".gz" else open(file, mode)
+
+
+def check_text_file(file: Path, split: str) -> None:
+    """A local .jsonl/.json/.csv file (or .gz of one) has rows and is UTF-8 text; else a DataError naming
+    the file (and the line of the first byte that is not UTF-8)."""
+    kind = builder_for(file)
+    if kind not in ("json", "csv"):
+        return
+    rows, head = 0, ""
+    with _open(file, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{file} line {number}: not UTF-8 text (byte 0x{line[error.start]:02x} at byte "
+                    f"{error.start + 1} of the line); save the file as UTF-8"
+                ) from None
+            if text.strip():
+                rows += 1
+                head = (head + text.strip())[:3]
+    if rows == 0 or (kind == "csv" and rows == 1) or (rows <= 2 and head == "[]"):
+        what = "only a header" if kind == "csv" and rows else "no rows"
+        raise DataError(f"{file}: empty, {what} (split {split!r})")
+
+
+def json_error(file: Path) -> str | None:
+    """Where a .jsonl/.json file stops being rows of JSON: "<file> line N: why", or None."""
+    if builder_for(file) != "json":
+        return None
+    with _open(file, "rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array: the line of the error's position
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"{file} line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
+        return None
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings hold U+2028
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"{file} line {number}: not valid JSON: {error.msg} (column {error.colno})"
+        if not isinstance(value, dict):
+            return f"{file} line {number}: a JSON {type(value).__name__}, not an object (one row per line)"
+    return None
 
 
 def _first_line(error: BaseException) -> str:
@@ -198,6 +286,10 @@ class RowLocator:
             start += count
         return f"{self.source.name} split {self.split!r} record {index} (0-based)"
 
+    def files(self) -> list[str]:
+        """The split's local files, or [] when they are not known (a hub dataset's)."""
+        return [f for f in self.source.files(self.split) or [] if Path(f).is_file()]
+
     def _read_spans(self) -> list:
         files = self.source.files(self.split) or []
         try:
@@ -229,5 +321,5 @@ def _record_lines(file: Path) -> tuple[list[int] | None, int]:
         return lines, len(lines)
     if text.lstrip().startswith("["):
         return None, len(json.loads(text))
-    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     return lines, len(lines)

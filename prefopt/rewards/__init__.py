@@ -12,6 +12,7 @@ from typing import Any
 from prefopt.rewards.base import (
     AuxReward,
     CompositeReward,
+    NamedReward,
     RewardConfig,
     RewardFn,
     score_responses,
@@ -50,7 +51,7 @@ def build_aux_reward(
             )
         entry = AUX_REWARDS[name]
         config = validate_config(name, entry.config, raw)
-        components[name] = entry.build(config, context)
+        components[name] = NamedReward(f"aux_reward.{name}", entry.build(config, context))
         weights[name] = config.weight
     return CompositeReward(components, weights) if components else None
 
@@ -59,6 +60,7 @@ __all__ = [
     "AUX_REWARDS",
     "AuxReward",
     "CompositeReward",
+    "NamedReward",
     "RewardConfig",
     "RewardFn",
     "build_aux_reward",

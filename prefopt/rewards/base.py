@@ -55,6 +55,18 @@ def validate_config(name: str, schema: type[RewardConfig], raw: Mapping[str, Any
 
 
 @dataclass(frozen=True)
+class NamedReward:
+    """A reward function and the config key that selected it (`aux_reward.<name>`), so that an error in
+    its scores can name it."""
+
+    key: str
+    fn: RewardFn
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.fn(prompts, responses)
+
+
+@dataclass(frozen=True)
 class CompositeReward:
     """R = sum_k w_k r_k over the selected rewards.
 
@@ -84,10 +96,12 @@ def score_responses(
     """Scores each row, calling `reward` once per distinct (prompt, response); returns (N,) float64.
 
     Preference data repeats responses (one response appears in several pairs), and a classifier reward is
-    the expensive part, so rows are deduplicated before batching.
+    the expensive part, so rows are deduplicated before batching. A score that is not a finite number is an
+    error naming the reward, the count and the first rows: NaN or inf would reach the loss as skipped steps.
     """
+    key = getattr(reward, "key", "aux reward")
     if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        raise ValueError(f"{key}: {len(prompts)} prompts but {len(responses)} responses")
     index: dict[tuple[str, str], int] = {}
     rows = np.array(
         [index.setdefault((p, y), len(index)) for p, y in zip(prompts, responses, strict=True)],
@@ -100,8 +114,23 @@ def score_responses(
         chunk = unique[start : start + batch_size]
         values = reward([p for p, _ in chunk], [y for _, y in chunk])
         if len(values) != len(chunk):
-            raise ValueError(f"reward returned {len(values)} scores for a batch of {len(chunk)}")
+            raise ValueError(f"{key}: returned {len(values)} scores for a batch of {len(chunk)}")
         scores[start : start + len(chunk)] = values
         bar.update(len(chunk))
     bar.close()
-    return scores[rows]
+    scores = scores[rows]
+    check_finite(scores, responses, key)
+    return scores
+
+
+def check_finite(scores: np.ndarray, responses: list[str], key: str, shown: int = 5) -> None:
+    """Every score is a finite number, else a ValueError naming `key`, the count and the first rows."""
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if not len(bad):
+        return
+    kinds = ", ".join(sorted({str(v) for v in scores[bad]}))
+    rows = ", ".join(str(i) for i in bad[:shown])
+    raise ValueError(
+        f"{key}: {len(bad)} of {len(scores)} scores are not finite ({kinds}), e.g. rows {rows} "
+        f"(response of row {bad[0]}: {responses[bad[0]][:60]!r}); a reward must return finite numbers"
+    )

@@ -95,9 +95,25 @@ def build_custom(cfg: CustomConfig, context: Any) -> RewardFn:
     kwargs = dict(cfg.kwargs)
 
     def custom(prompts: list[str], responses: list[str]) -> list[float]:
-        return [float(r) for r in function(prompts, responses, **kwargs)]
+        values = list(function(prompts, responses, **kwargs))
+        try:
+            return [float(r) for r in values]
+        except (TypeError, ValueError):
+            bad = next(i for i, r in enumerate(values) if not _is_number(r))
+            raise ValueError(
+                f"aux_reward.custom.function={cfg.function}: returned {values[bad]!r} (position {bad} "
+                "of the batch), not a number"
+            ) from None
 
     return custom
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def example_word_count(prompts: list[str], responses: list[str], scale: float = 1.0) -> list[float]:
