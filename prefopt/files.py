@@ -8,12 +8,15 @@
   it; the kernel releases it when that process dies, however it dies, so a stale lock file never blocks.
 - `read_json`: a JSON file, with the file's path in the error when it is unreadable or damaged.
 - `is_disk_full`: whether an error (or one it was raised from) is ENOSPC / EDQUOT.
+- `sha256_file`, `sealed` / `read_sealed_json`: digests that let a cache entry prove it reads back as written
+  (a JSON record carries the sha256 of the rest of itself).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -77,6 +80,37 @@ def read_json(path: Path):
         return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DamagedFile(f"{path}: damaged ({'empty' if not text.strip() else error})") from None
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks); OSError names the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(value) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(record: dict) -> dict:
+    """`record` with a "sha256" field holding the digest of the rest, for `read_sealed_json`."""
+    return {**record, "sha256": json_sha256(record)}
+
+
+def read_sealed_json(path: Path) -> dict:
+    """A record written as `sealed(...)`, without its digest; DamagedFile naming the file when it does not
+    parse, is not a sealed record or its digest does not match (e.g. flipped bytes)."""
+    value = read_json(path)
+    if not isinstance(value, dict) or "sha256" not in value:
+        raise DamagedFile(f"{path}: damaged (no sha256 digest)")
+    record = {k: v for k, v in value.items() if k != "sha256"}
+    if json_sha256(record) != value["sha256"]:
+        raise DamagedFile(f"{path}: damaged (sha256 digest mismatch)")
+    return record
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAST, FAST_MODEL, compose_config, run_training
+from conftest import run_training
 from test_judges import endpoint  # noqa: F401 - the fake judge server, as a fixture here
 
-from prefopt.config import load_run_config
 from prefopt.evaluation.generation import reward_judge
 
 
@@ -78,28 +77,4 @@ def test_the_llm_judge_answers_in_both_orders_and_its_answers_are_written(tmp_pa
     assert (tmp_path / "judge_cache").is_dir()
 
 
-def test_prefopt_evaluate_runs_the_stage_on_a_saved_run_without_training(tmp_path):
-    """The tiny run's checkpoint is its own reference (nothing else was saved): with the same seed both
-    sample the same responses, so every comparison ties and the win rate is exactly 1/2."""
-    from omegaconf import OmegaConf
-
-    from prefopt.training.evaluate_saved import main
-
-    run_training(tmp_path / "run", "trainer.max_steps=3")
-    rc = load_run_config(compose_config(*FAST, *FAST_MODEL, "trainer.max_steps=3"))
-    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # as the CLI writes it
-    code = main([str(tmp_path / "run"), "eval.generation.num_prompts=3", "eval.generation.max_new_tokens=4"])
-    assert code == 0
-    (out,) = (tmp_path / "run" / "evaluate").iterdir()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["reference_fit"] is None
-    assert summary["final_eval"]["eval/generate/win_rate_vs_reference"] == 0.5
-    assert len((out / "generations.jsonl").read_text().splitlines()) == 3
-    assert not (out / "checkpoint").exists()
-
-
-def test_prefopt_evaluate_refuses_a_dir_without_a_saved_model(tmp_path, capsys):
-    from prefopt.training.evaluate_saved import main
-
-    assert main([str(tmp_path)]) == 2
-    assert "no saved model" in capsys.readouterr().err
+# `prefopt evaluate`: tests/test_evaluate_saved.py

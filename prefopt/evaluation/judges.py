@@ -11,6 +11,7 @@ an environment variable, so the same code talks to OpenAI, vLLM or a llama.cpp s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import ConfigFieldError
+from prefopt.files import DamagedFile, atomic_write_json, read_sealed_json, sealed
 from prefopt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class LLMJudge:
 
     Cache directory: `cfg.cache_dir` when set, else the `cache_dir` argument (the eval stage passes
     <run dir>/judge_cache), else ~/.cache/prefopt/judge. One JSON file per request, named by the sha256 of
-    (base_url, model, temperature, max_tokens, template, the filled prompt).
+    (base_url, model, temperature, max_tokens, template, the filled prompt), its record sealed with a sha256
+    of itself: a damaged record is deleted and asked again (one warning naming the file); a cache dir that
+    cannot be written is one warning per judge, and the answers go uncached.
     """
 
     def __init__(self, cfg: LLMJudgeConfig, cache_dir: Path | None = None):
@@ -119,6 +122,7 @@ class LLMJudge:
         self.cache_dir = Path(cfg.cache_dir or cache_dir or default_cache_dir())
         self.requests = 0  # HTTP requests made (attempts included), for logs and tests
         self._lock = threading.Lock()
+        self._unwritable = False  # the cache dir refused a write (warned once)
 
     def compare(self, prompts: list[str], first: list[str], second: list[str]) -> list[dict]:
         if not len(prompts) == len(first) == len(second):
@@ -150,11 +154,35 @@ class LLMJudge:
         """The judge's raw answer for one order, from the cache or the endpoint."""
         content = self.cfg.template.format(prompt=prompt, response_a=response_a, response_b=response_b)
         path = self.cache_dir / f"{self._key(content)}.json"
-        if path.exists():
-            return json.loads(path.read_text())["answer"]
+        cached = self._cached(path)
+        if cached is not None:
+            return cached
         answer = self._post(content)
-        _write_atomic(path, {"answer": answer, "model": self.cfg.model, "base_url": self.cfg.base_url})
+        record = sealed({"answer": answer, "model": self.cfg.model, "base_url": self.cfg.base_url})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, record, indent=None)
+        except OSError as error:
+            with self._lock:
+                warn, self._unwritable = not self._unwritable, True
+            if warn:
+                log.warning("llm judge: cannot write to %s (%s); answers not cached", path.parent, error)
         return answer
+
+    def _cached(self, path: Path) -> str | None:
+        """The answer recorded in `path`; None when absent, or (deleted, with a warning) when damaged."""
+        if not path.exists():
+            return None
+        try:
+            answer = read_sealed_json(path).get("answer")
+            if isinstance(answer, str):
+                return answer
+            raise DamagedFile(f"{path}: damaged (no answer)")
+        except (DamagedFile, OSError) as error:
+            log.warning("llm judge cache: %s; deleting it and asking again", error)
+            with contextlib.suppress(OSError):  # best effort: the cache may be read-only
+                path.unlink(missing_ok=True)
+            return None
 
     def _key(self, content: str) -> str:
         c = self.cfg
@@ -215,15 +243,6 @@ def _seconds(value: str | None) -> float:
         return min(float(value), 60.0) if value else 0.0
     except ValueError:
         return 0.0  # an HTTP date: fall back to the exponential back-off
-
-
-def _write_atomic(path: Path, record: dict) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
 
 
 def win_rate_interval(p: list[float], z: float = 1.96) -> tuple[float, float, float]:

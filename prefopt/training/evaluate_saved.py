@@ -1,16 +1,25 @@
 """`prefopt evaluate <run dir or checkpoint> [key=value ...]`: the evaluation stage on a saved model, no
-training: the held-out preference metrics and the generation eval (`eval.generate`), into a new run dir.
+training: the held-out preference metrics (and the exact ones on the synthetic task) and the generation
+eval (`eval.generate`), into a new run dir, `<run dir>/evaluate/<date>_<time>`.
 
-A run dir is evaluated with its own resolved config (`config.yaml`), its `checkpoint/` as the policy and,
-when it trained a hub/local model, that starting model as the reference. A bare checkpoint dir needs the
-data named by overrides (e.g. `dataset=hh_rlhf dataset.path=...`). Overrides are dotted `key=value` pairs
-(or `group=option`, e.g. `logger=none`) applied last, e.g. `eval.generation.judge=llm
-+eval.generation.llm.model=gpt-4o`.
+A run dir is evaluated as it trained: its resolved config (`config.yaml`) prepares the same data, tokenizer
+and reference, then the policy takes the weights of its `checkpoint/` (under LoRA the adapter). The
+reference is thus the run's own: its starting model (or `model.reference_name_or_path`), under LoRA the base
+with the adapters off, and for the tiny model the fitted reference: summary.json's `reference_fit` records
+the fit's cache key and the sha256 of the fitted weights; a cache entry with other weights is fitted again
+from the run's config and seed, and a fit that still differs is a warning (the numbers then differ from the
+run's). The numbers equal the run's final eval (eval.json "final"). The evaluated run dir is locked while it
+is read (exit 2 while another process holds it).
+
+A bare checkpoint dir needs the data named by overrides (e.g. `dataset=hh_rlhf dataset.path=...`); it is its
+own reference (win rate 1/2). Overrides are dotted `key=value` pairs (or `group=option`, e.g.
+`logger=none`) applied last, e.g. `eval.generation.judge=llm +eval.generation.llm.model=gpt-4o`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -22,29 +31,26 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path]:
-    """The resolved config of the evaluation run and its run dir."""
+def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, Path | None]:
+    """The resolved config of the evaluation, its run dir and the evaluated run dir (None: a checkpoint)."""
     from prefopt.models.pretrained import PretrainedModelConfig
 
     run_config = target / "config.yaml"
-    if run_config.is_file():  # a run dir
+    if run_config.is_file():  # a run dir: its own model config, the checkpoint's weights loaded later
         raw = OmegaConf.to_container(OmegaConf.load(run_config))
-        checkpoint, out = target / "checkpoint", target / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        started_from = raw["model"].get("name_or_path") if raw["model"].get("name") == "pretrained" else None
-    else:  # a checkpoint: the default config, data from the overrides
+        source, checkpoint = target, target / "checkpoint"
+        out = target / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    else:  # a checkpoint: the default config, data from the overrides, the checkpoint its own reference
         from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = OmegaConf.to_container(compose("train"), resolve=False)
-        checkpoint, out = target, Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        started_from = None
+        source, checkpoint = None, target
+        out = Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        raw["model"] = {"name": "pretrained", **asdict(PretrainedModelConfig(name_or_path=str(checkpoint)))}
     if not (checkpoint / "config.json").is_file() and not (checkpoint / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: no saved model (config.json or adapter_config.json)")
-    model = asdict(PretrainedModelConfig(name_or_path=str(checkpoint)))
-    model["reference_name_or_path"] = started_from  # the run's own reference; None: the checkpoint itself
-    raw["model"] = {"name": "pretrained", **model}
-    raw["trainer"] |= {"max_steps": 0, "save_checkpoint": False}
-    raw["trainer"]["reference_fit"]["enabled"] = False
+    raw["trainer"] |= {"save_checkpoint": False, "resume": None}
     raw["eval"] |= {"at_start": False, "generate": True}
     config = OmegaConf.create(raw)
     for override in overrides:
@@ -55,31 +61,154 @@ def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path]:
             config[key] = OmegaConf.load(option)
         else:
             OmegaConf.update(config, key, OmegaConf.create({"v": value}).v if value else None)
-    return OmegaConf.to_container(config), out
+    return OmegaConf.to_container(config), out, source
+
+
+def evaluate_run(rc, out: Path, source: Path | None) -> dict:
+    """Prepare the run as it trained, load its checkpoint into the policy (when `source` is a run dir) and
+    run the evaluation stage at the run's final step; writes eval.json and summary.json into `out`
+    atomically and returns the summary."""
+    from prefopt.evaluation.evaluate import evaluate
+    from prefopt.files import atomic_write_json
+    from prefopt.training.prepare import prepare
+    from prefopt.training.run_summary import brief, generation_eval, run_name, task_record
+    from prefopt.training.setup import autocast_for, configure_torch, speed_up
+    from prefopt.training.tracking import Tracker
+
+    device = configure_torch(rc)
+    run = prepare(rc, device)
+    reference = {"source": "the checkpoint itself"}
+    if source is not None:
+        run, reference = _runs_own_reference(rc, run, source, device)
+        load_policy_weights(run.policy, source / "checkpoint")
+        run.inputs.policy_is_reference = False  # the policy is the trained one now
+    if rc.trainer.epochs is not None:  # as the run computed its step count
+        rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
+    step = rc.trainer.max_steps
+    run.inputs.packing.packs(run.policy, device)  # as the loop does before its first step
+    speed_up(run.policy, rc.trainer)
+    tracker = Tracker(rc.logger, out, rc.raw, run_name(rc), None)
+    try:
+        metrics, detail = evaluate(
+            run, step, rc.eval.batch_size, device, autocast_for(rc.trainer.precision, device)
+        )
+        tracker.log(metrics, step)
+        if rc.eval.generate:
+            metrics |= generation_eval(rc, run, out, device, tracker)
+        tracker.summary(metrics)
+    finally:
+        tracker.finish()
+    log.info("eval @ step %d: %s", step, brief(metrics))
+    atomic_write_json(out / "eval.json", {"final": {**metrics, **detail}, "task": task_record(run.task)})
+    summary = {
+        "status": "completed",
+        "evaluated": str(source or rc.model.name_or_path),
+        "step": step,
+        "final_eval": metrics,
+        "reference": reference,
+        "reference_fit": run.reference_fit,
+        "data": run.data_report,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _runs_own_reference(rc, run, source: Path, device) -> tuple[object, dict]:
+    """The prepared run, whose reference is `source`'s own, and how it was obtained. A fitted reference
+    whose weights differ from the digest the run recorded is fitted again (cache off), deterministically
+    from the run's config and seed."""
+    from prefopt.files import read_json
+    from prefopt.training.prepare import prepare
+
+    path = getattr(rc.model, "reference_name_or_path", None)
+    if run.reference_fit is None:
+        return run, {"source": path or "the run's starting model (under LoRA: adapters off)"}
+    summary = source / "summary.json"
+    recorded = (read_json(summary).get("reference_fit") or {}) if summary.is_file() else {}
+    expected = recorded.get("weights_sha256")
+    if (
+        expected is not None
+        and run.reference_fit["weights_sha256"] != expected
+        and run.reference_fit["cached"]
+    ):
+        log.warning(
+            "the cached fitted reference (key %s) is not the one %s recorded: fitting it again",
+            run.reference_fit["cache_key"],
+            summary,
+        )
+        rc.trainer.reference_fit.cache = False
+        run = prepare(rc, device)
+    found = run.reference_fit["weights_sha256"]
+    if expected is None:
+        log.warning("%s records no digest of its fitted reference: it cannot be checked", summary)
+    elif found != expected:
+        log.warning(
+            "the fitted reference (sha256 %s) is not the run's (%s in %s): the numbers will differ from the "
+            "run's (another torch version, device or thread count?)",
+            found[:12],
+            expected[:12],
+            summary,
+        )
+    record = {"source": "fitted", "cache_key": run.reference_fit["cache_key"], "weights_sha256": found}
+    return run, record | {"matches_run": None if expected is None else found == expected}
+
+
+def load_policy_weights(policy, checkpoint: Path) -> None:
+    """The weights `checkpoint` (a run's export) holds, into the policy `prepare` built for that run: the
+    adapter under LoRA, else every weight (a tied lm_head comes with its embeddings)."""
+    from safetensors.torch import load_file
+
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+        missing, unexpected = [], result.unexpected_keys
+    else:
+        state = {k: v for f in sorted(checkpoint.glob("model*.safetensors")) for k, v in load_file(f).items()}
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        held = policy.state_dict()
+        loaded = {held[k].data_ptr() for k in state if k in held}
+        missing = [k for k in missing if held[k].data_ptr() not in loaded]  # tied ones are loaded
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint}: its weights do not fit the run's model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]})"
+        )
 
 
 def main(argv: list[str]) -> int:
     from prefopt.config import ConfigError, load_run_config, register_resolvers
-    from prefopt.training.train import train
+    from prefopt.files import RunDirLock, RunDirLocked, atomic_write_text
 
     if not argv or argv[0] in {"-h", "--help"}:
         print(__doc__)
         return 0 if argv else 2
     register_resolvers()
+    locks = []
     try:
-        raw, run_dir = evaluation_config(Path(argv[0]), argv[1:])
+        raw, out, source = evaluation_config(Path(argv[0]), argv[1:])
         rc = load_run_config(OmegaConf.create(raw))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+        for directory in (source, out):  # the evaluated run first: never read a run still being written
+            if directory is not None:
+                locks.append(RunDirLock(directory).acquire())
+    except (ConfigError, FileNotFoundError, ValueError, RunDirLocked) as error:
+        for lock in locks:
+            lock.release()
         print(f"prefopt evaluate: {error}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))
-    handlers = [logging.StreamHandler(), logging.FileHandler(run_dir / "evaluate.log")]
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", handlers=handlers
-    )
-    if rc.model.reference_name_or_path is None:
-        log.warning("no reference model recorded: the checkpoint is its own reference (win rate 1/2)")
-    summary = train(rc, run_dir)
-    log.info("evaluation written to %s", run_dir)
-    return 0 if summary["status"] == "completed" else 1
+    try:
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(rc.raw))
+        handlers = [logging.StreamHandler(), logging.FileHandler(out / "evaluate.log")]
+        logging.basicConfig(
+            level=logging.INFO,
+            format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+            handlers=handlers,
+        )
+        if source is None:
+            log.warning("no reference model recorded: the checkpoint is its own reference (win rate 1/2)")
+        evaluate_run(rc, out, source)
+        log.info("evaluation written to %s", out)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    return 0

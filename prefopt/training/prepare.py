@@ -26,7 +26,14 @@ from prefopt.progress import progress, progress_enabled
 from prefopt.rewards import build_aux_reward, score_responses
 from prefopt.training.distributed import my_share, sum_across_ranks
 from prefopt.training.reference_cache import cached_reference_logps, free_memory
-from prefopt.training.reference_fit import cache_key, check_fit, fit_reference, load_cached, store_cached
+from prefopt.training.reference_fit import (
+    cache_key,
+    check_fit,
+    fit_reference,
+    load_cached,
+    store_cached,
+    weights_sha256,
+)
 from prefopt.training.step import LossInputs
 
 log = logging.getLogger(__name__)
@@ -286,6 +293,8 @@ def _fit_reference(rc: RunConfig, policy, table, candidates, task: SyntheticTask
         report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
         if cfg.cache and report["kl"] <= cfg.max_kl:
             store_cached(policy, key, report)
+    # Where the fitted reference is and what it is, for summary.json: `prefopt evaluate` checks its digest
+    report |= {"cache_key": key, "weights_sha256": weights_sha256(policy)}
     log.info(
         "reference fit: KL(pi_ref || pi_theta0) = %.5f (target %g), mass outside candidates = %.4f, "
         "%d steps%s",

@@ -16,13 +16,17 @@ references). The key is a sha256 of everything the values depend on:
   results are bit-identical per thread count), torch / transformers / peft versions and the source of the
   code that computes the pass, so a changed implementation never reads stale values.
 
-A hit reads the values and runs no forward pass; a file that does not read back as this key's (S,) tensor
-is recomputed with a warning. Writes are atomic (a temporary file renamed into place), so parallel jobs
-never read half a file.
+A hit reads the values and runs no forward pass. Each entry carries the sha256 of its tensor's bytes in its
+safetensors metadata, checked on read: a damaged entry (a digest that does not match, a truncated or
+unparsable file, another key's or shape's tensor) is deleted and recomputed with one warning naming the
+file. Writes are atomic (a temporary file renamed into place), so parallel jobs never read half a file; a
+cache dir that cannot be written (read-only, no permission, disk full) is one warning and the run goes on
+uncached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -47,7 +51,7 @@ from prefopt.models.shared_prompt_attention import IMPLEMENTATION as SHARED_PROM
 from prefopt.training.reference_fit import cache_dir as fit_cache_dir
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the stored layout or the key's meaning changes
+FORMAT = 2  # bump when the stored layout or the key's meaning changes
 CODE_MODULES = (  # the code whose source the values depend on
     "prefopt.logps",
     "prefopt.data.packing",
@@ -179,7 +183,7 @@ def code_fingerprint() -> dict:
 
 
 def load(key: str, num_sequences: int) -> Tensor | None:
-    """The cached (S,) tensor of `key`; None when absent, or (with a warning) when it does not read back."""
+    """The cached (S,) tensor of `key`; None when absent, or (deleted, with a warning) when damaged."""
     from safetensors import SafetensorError, safe_open
 
     path = cache_dir() / f"{key}.safetensors"
@@ -187,22 +191,27 @@ def load(key: str, num_sequences: int) -> Tensor | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as stored:
-            stored_key = (stored.metadata() or {}).get("key")
+            metadata = stored.metadata() or {}
             logps = stored.get_tensor("logps")
     except (SafetensorError, OSError, ValueError, KeyError) as error:
-        log.warning("reference log-probs cache: %s does not read back (%s); recomputing", path, error)
-        return None
-    if stored_key != key or logps.dtype != torch.float32 or tuple(logps.shape) != (num_sequences,):
-        log.warning(
-            "reference log-probs cache: %s holds %s %s for key %s, expected (%d,) float32; recomputing",
-            path,
-            tuple(logps.shape),
-            logps.dtype,
-            stored_key,
-            num_sequences,
-        )
-        return None
+        return _discard(path, f"does not read back: {error}")
+    if metadata.get("key") != key or logps.dtype != torch.float32 or tuple(logps.shape) != (num_sequences,):
+        found = f"{tuple(logps.shape)} {logps.dtype} for key {metadata.get('key')}"
+        return _discard(path, f"holds {found}, expected ({num_sequences},) float32")
+    if metadata.get("sha256") != tensor_sha256(logps):
+        return _discard(path, "its sha256 digest does not match its values")
     return logps
+
+
+def _discard(path: Path, why: str) -> None:
+    """One warning naming the damaged file, which is deleted (best effort: the cache may be read-only)."""
+    log.warning("reference log-probs cache: %s is damaged (%s); deleting it and recomputing", path, why)
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def store(key: str, logps: Tensor) -> None:
@@ -218,7 +227,8 @@ def store(key: str, logps: Tensor) -> None:
         handle, staging = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".safetensors")
         os.close(handle)
         tensor = logps.detach().to("cpu", torch.float32).contiguous()
-        save_file({"logps": tensor}, staging, metadata={"key": key, "format": str(FORMAT)})
+        metadata = {"key": key, "format": str(FORMAT), "sha256": tensor_sha256(tensor)}
+        save_file({"logps": tensor}, staging, metadata=metadata)
         os.replace(staging, root / f"{key}.safetensors")
         staging = None
     except (OSError, SafetensorError) as error:

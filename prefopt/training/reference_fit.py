@@ -8,7 +8,13 @@ then, if the target is not reached (Adam stalls on the plateau where the model i
 with a strong-Wolfe line search, which is exact and cannot oscillate on a deterministic full-batch loss.
 The stop test reads the current parameters. The fit is reported as KL(pi_ref || pi_theta0) over the
 candidates (renormalised) and the probability mass left outside them; a fit worse than `max_kl` stops the
-run. Fitted weights are cached by a hash of everything that determines them.
+run. Fitted weights are cached by a hash of everything that determines them, in
+`$PREFOPT_CACHE/reference/<key>/`: `model.safetensors` and `report.json`, the fit's report sealed with a
+sha256 of itself and of the weights file. A damaged entry (a digest that does not match, a truncated or
+unparsable file, a missing part) is deleted and fitted again with one warning naming the file; a cache dir
+that cannot be written is one warning and the run goes on uncached. A run records the fit's key and the
+digest of the fitted weights (`weights_sha256`) in summary.json's `reference_fit`, so `prefopt evaluate`
+can check that it compares with the run's own reference.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor
 
 from prefopt.config import ReferenceFitConfig
 from prefopt.data.batching import SequenceTable
+from prefopt.files import DamagedFile, read_sealed_json, sealed, sha256_file
 from prefopt.logps import model_logps
 from prefopt.progress import progress
 
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 STALL_STEPS = 50  # Adam hands over to L-BFGS when the loss improved by < STALL_RTOL over this many steps
 STALL_RTOL = 1e-3
 LBFGS_ITERATIONS_PER_STEP = 20
+MODEL_FILE, REPORT_FILE = "model.safetensors", "report.json"  # a cache entry's two parts
 
 
 class ReferenceFitError(RuntimeError):
@@ -145,26 +153,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt")) / "reference"
 
 
+def weights_sha256(model) -> str:
+    """sha256 of the weights a model holds (names, dtypes, shapes and bytes): what identifies a fit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def load_cached(policy, key: str) -> dict | None:
+    """Load the fitted weights of `key` into `policy` and return the fit's report; None when absent or
+    damaged (then the entry is deleted with a warning, and `policy` is left untouched)."""
     from safetensors.torch import load_model
 
     entry = cache_dir() / key
-    if not (entry / "report.json").exists():
+    if not entry.exists():
         return None
-    load_model(policy, entry / "model.safetensors")
-    return {**json.loads((entry / "report.json").read_text()), "cached": True}
+    try:
+        record = read_sealed_json(entry / REPORT_FILE)
+        model_file = entry / MODEL_FILE
+        if sha256_file(model_file) != record.get("model_sha256") or "report" not in record:
+            raise DamagedFile(f"{model_file}: damaged (sha256 digest mismatch)")
+    except (DamagedFile, OSError) as error:  # an OSError names its file too (e.g. a missing part)
+        log.warning("reference fit cache: %s; deleting %s and fitting again", error, entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    load_model(policy, model_file)  # the bytes we wrote and checked
+    return {**record["report"], "cached": True}
 
 
 def store_cached(policy, key: str, report: dict) -> None:
-    """Write atomically: a temporary folder renamed into place, so parallel jobs never read half a file."""
+    """Write atomically: a temporary folder renamed into place, so parallel jobs never read half a file. A
+    failed write (read-only, no permission, disk full) is one warning: the run has its fit either way."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    save_model(policy, str(staging / "model.safetensors"))
-    (staging / "report.json").write_text(json.dumps(report))
+    root, staging = cache_dir(), None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        save_model(policy, str(staging / MODEL_FILE))
+        record = sealed({"report": report, "model_sha256": sha256_file(staging / MODEL_FILE)})
+        (staging / REPORT_FILE).write_text(json.dumps(record))  # the folder's rename publishes it
         os.replace(staging, root / key)
-    except OSError:  # another job stored the same key first
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = None
+    except (OSError, SafetensorError) as error:
+        if not (root / key).is_dir():  # else another job stored the same key first
+            log.warning("reference fit cache: could not write to %s (%s); not cached", root, error)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
