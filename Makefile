@@ -4,20 +4,38 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= outputs/reproduce
 LOGGER ?= none
+# the tested versions of every dependency (Python 3.11); `make install CONSTRAINTS=` installs without them
+CONSTRAINTS ?= constraints.txt
+# the CPU build; an unpinned torch would pull a CUDA build
+TORCH := torch==2.13.0
 
-.PHONY: install test lint format train reproduce bench clean
+.PHONY: install test lint format train reproduce bench clean lock test-newest
 
-$(BIN)/prefopt: pyproject.toml
+$(BIN)/prefopt: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0  # the CPU build; an unpinned torch would pull a CUDA build
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $(BIN)/prefopt
 
 install: $(BIN)/prefopt
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# constraints.txt anew: the newest versions pyproject.toml allows, resolved in a fresh venv
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q $(TORCH)
+	.venv-lock/bin/pip install -q -e ".[dev]"
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable \
+	  | grep -v -E '^(torch|prefopt)[= @]'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
+	git diff --stat constraints.txt || true
+
+# the suite against the newest versions pyproject.toml allows; reports what changed, never fails (CI)
+test-newest:
+	bash .ci/newest-versions
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
