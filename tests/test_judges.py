@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -139,9 +140,38 @@ def test_a_reply_without_choices_fails_at_once(endpoint, tmp_path):
 
 
 def test_an_unreachable_endpoint_is_retried_then_named(tmp_path):
-    cfg = LLMJudgeConfig(base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_s=0.01, timeout_s=2)
+    cfg = LLMJudgeConfig(base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_s=0.01, read_timeout_s=2)
     with pytest.raises(JudgeError, match="127.0.0.1:9/v1/chat/completions failed after 2 attempts"):
         LLMJudge(cfg, cache_dir=tmp_path).ask("p", "a", "b")
+
+
+def test_an_endpoint_that_accepts_but_never_answers_fails_at_the_deadline_naming_itself(tmp_path):
+    """A listening socket that never replies (the kernel completes each connection): every attempt ends at
+    the 0.5 s read timeout, and the 2 s deadline stops the retries long before max_retries=10 runs out."""
+    with socket.create_server(("127.0.0.1", 0), backlog=32) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        cfg = LLMJudgeConfig(
+            base_url=url,
+            max_retries=10,
+            backoff_s=0.01,
+            read_timeout_s=0.5,
+            deadline_s=2,
+            connect_timeout_s=5,
+        )
+        judge = LLMJudge(cfg, cache_dir=tmp_path)
+        with pytest.raises(JudgeError) as e:
+            judge.ask("p", "a", "b")
+    message = str(e.value)
+    assert "\n" not in message and f"{url}/chat/completions gave no answer" in message
+    assert "eval.generation.llm.deadline_s=2" in message and "timed out" in message
+    assert 1 < judge.requests < 11  # the read timeout ended each attempt; the deadline ended the retries
+
+
+@pytest.mark.parametrize("name", ["connect_timeout_s", "read_timeout_s", "deadline_s"])
+def test_timeouts_must_be_positive(name):
+    with pytest.raises(ConfigFieldError) as e:
+        LLMJudgeConfig(**{name: 0})
+    assert e.value.field == name
 
 
 def test_the_key_is_sent_only_when_its_variable_is_set(endpoint, tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ both orders and the two verdicts are averaged: `p_first` is 1.0 (first wins both
 that could not be parsed) or 0.0. Answers are cached on disk, so re-running an evaluation costs nothing.
 
 Only the standard library speaks HTTP (urllib.request): POST {base_url}/chat/completions, the key read from
-an environment variable, so the same code talks to OpenAI, vLLM or a llama.cpp server.
+an environment variable, so the same code talks to OpenAI, vLLM or a llama.cpp server. Each request has a
+connect timeout, a read timeout and a deadline over all its retries: an endpoint that accepts connections
+but never answers fails within `deadline_s`, naming itself.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class LLMJudgeConfig:
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable; unset: no Authorization header
     temperature: float = 0.0  # sampling temperature of the judge
     max_tokens: int = 8  # the answer is one letter; a little room for "Response A"
-    timeout_s: float = 60.0  # per HTTP request
+    connect_timeout_s: float = 10.0  # to open the connection (TCP and TLS)
+    read_timeout_s: float = 30.0  # longest wait for the reply's next bytes
+    deadline_s: float = 60.0  # per request, all retries and back-offs included; then a one-line error
     max_retries: int = 5  # retries after the first attempt (connection errors, timeouts, 429, 5xx)
     backoff_s: float = (
         1.0  # back-off before retry k is backoff_s * 2**k (1, 2, 4, ... s) plus up to 10% jitter
@@ -76,6 +80,9 @@ class LLMJudgeConfig:
             raise ConfigFieldError("concurrency", f"must be >= 1, got {self.concurrency}")
         if self.max_tokens < 1:
             raise ConfigFieldError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        for name in ("connect_timeout_s", "read_timeout_s", "deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigFieldError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ("prompt", "response_a", "response_b"):
             if "{" + name + "}" not in self.template:
                 raise ConfigFieldError("template", f"must contain {{{name}}}")
@@ -202,12 +209,15 @@ class LLMJudge:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode()
+        deadline = time.monotonic() + c.deadline_s
         for attempt in range(c.max_retries + 1):
             with self._lock:
                 self.requests += 1
+            left = deadline - time.monotonic()
+            opener = timed_opener(min(c.connect_timeout_s, left), min(c.read_timeout_s, left))
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=c.timeout_s) as response:
+                with opener.open(request) as response:
                     return _answer_of(json.loads(response.read()), self.url)
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
@@ -219,6 +229,12 @@ class LLMJudge:
             if attempt == c.max_retries:
                 break
             delay = max(c.backoff_s * 2**attempt * (1 + 0.1 * random.random()), retry_after)
+            if time.monotonic() + delay >= deadline:
+                raise JudgeError(
+                    f"llm judge: {self.url} gave no answer within eval.generation.llm.deadline_s="
+                    f"{c.deadline_s:g} ({attempt + 1} attempts, last: {error}); check the endpoint, or raise "
+                    "deadline_s / read_timeout_s"
+                )
             log.warning(
                 "llm judge: %s from %s; retry %d/%d in %.1fs",
                 error,
@@ -229,6 +245,32 @@ class LLMJudge:
             )
             time.sleep(delay)
         raise JudgeError(f"llm judge: {self.url} failed after {c.max_retries + 1} attempts, last: {error}")
+
+
+def timed_opener(connect_s: float, read_s: float) -> urllib.request.OpenerDirector:
+    """A urllib opener (proxies as usual) whose connections open within `connect_s` and then wait at most
+    `read_s` for each read; urllib's own `timeout` is one number for both."""
+
+    def timed(base: type) -> type:
+        class Timed(base):
+            def connect(self):
+                self.timeout = connect_s
+                super().connect()
+                self.sock.settimeout(read_s)
+
+        return Timed
+
+    class Handler:
+        def do_open(self, http_class, request, **kwargs):
+            return super().do_open(timed(http_class), request, **kwargs)
+
+    class HTTP(Handler, urllib.request.HTTPHandler):
+        pass
+
+    class HTTPS(Handler, urllib.request.HTTPSHandler):
+        pass
+
+    return urllib.request.build_opener(HTTP(), HTTPS())
 
 
 def _answer_of(reply: dict, url: str) -> str:
