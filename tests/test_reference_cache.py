@@ -143,7 +143,14 @@ def _wrong_length(path, key):
     save_file({"logps": torch.zeros(1)}, str(path), metadata={"key": key})
 
 
-@pytest.mark.parametrize("damage", [_garbage, _truncated, _wrong_length])
+def _flipped(path, key):
+    """One float's bytes changed under an intact header: it parses, only the sha256 tells."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _wrong_length, _flipped])
 def test_an_unreadable_cache_file_is_recomputed_with_a_warning(damage, caplog):
     model, table = build()
     expected, _ = cached(model, table, Pass(model, table))

@@ -13,7 +13,14 @@ from prefopt.data.batching import SequenceTable
 from prefopt.logps import model_logps
 from prefopt.models import MODELS
 from prefopt.training.prepare import _candidates, _vocabulary
-from prefopt.training.reference_fit import candidate_fit, fit_reference
+from prefopt.training.reference_fit import (
+    cache_dir,
+    candidate_fit,
+    fit_reference,
+    load_cached,
+    store_cached,
+    weights_sha256,
+)
 
 # Two 5-candidate contexts, the second's reference reversed, on the experiments' 2-layer width-64 model:
 # Adam at lr 1e-2 sits on a plateau at KL 0.07 for its whole budget (the model ignores the prompt token).
@@ -71,3 +78,21 @@ def test_the_stop_test_reads_the_current_parameters():
     now = current_fit(policy, table, candidates, target)
     assert report["kl"] < 0.02
     assert now["kl"] == pytest.approx(report["kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("part", ["model.safetensors", "report.json"])
+def test_a_cache_entry_missing_a_part_is_deleted_with_a_warning_and_the_policy_untouched(
+    part, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path))
+    _, policy, *_ = build("+experiment=expo_preservation")
+    store_cached(policy, "key", {"kl": 0.0})
+    assert load_cached(policy, "key") == {"kl": 0.0, "cached": True}
+    (cache_dir() / "key" / part).unlink()
+    before = weights_sha256(policy)
+    with caplog.at_level(logging.WARNING):
+        assert load_cached(policy, "key") is None
+    assert any(str(cache_dir() / "key" / part) in r.getMessage() for r in caplog.records)
+    assert not (cache_dir() / "key").exists() and weights_sha256(policy) == before
