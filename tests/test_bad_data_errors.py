@@ -166,3 +166,66 @@ def test_a_custom_reward_that_returns_inf_or_none_is_named(monkeypatch):
         score_responses(build("inf"), ["p", "q"], ["x", "y"], progress=False)
     with pytest.raises(ValueError, match=r"^aux_reward\.custom\.function=user_rewards_test_bad:none: .*None"):
         score_responses(build("none"), ["p"], ["x"], progress=False)
+
+
+# ---- weights load from .safetensors only, unless the config opts out -----------------------------------
+
+
+def save_pickled(directory: Path, model) -> Path:
+    """A checkpoint of pickled weights only (pytorch_model.bin), as older hub checkpoints are; transformers
+    5 writes .safetensors whatever save_pretrained is told, so the pickle is written with torch.save."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
+def test_a_pickled_model_is_refused_naming_the_dir_and_the_opt_out_and_loads_with_it(tmp_path: Path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt.models.pretrained import load_causal_lm, load_reference
+
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    directory = save_pickled(tmp_path / "old", model)
+    with pytest.raises(ConfigError) as error:
+        load_causal_lm(str(directory), "float32", "model.name_or_path")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"model.name_or_path={directory}: ")
+    assert "pytorch_model.bin" in message and "model.use_safetensors=false" in message
+    with pytest.raises(ConfigError, match=r"^model\.reference_name_or_path=.*model\.use_safetensors=false"):
+        load_reference(str(directory))
+    loaded = load_causal_lm(str(directory), "float32", "model.name_or_path", use_safetensors=False)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    model.save_pretrained(tmp_path / "new")  # .safetensors: loads by default
+    assert load_causal_lm(str(tmp_path / "new"), "float32", "model.name_or_path") is not None
+
+
+def test_a_pickled_classifier_is_refused_naming_its_own_opt_out(tmp_path: Path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from prefopt.models.tiny import build_word_tokenizer
+    from prefopt.rewards.classifier import ClassifierConfig, load_classifier
+
+    tokenizer = build_word_tokenizer(["good", "bad"])
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    directory = save_pickled(tmp_path / "bert", BertForSequenceClassification(config))
+    tokenizer.save_pretrained(directory)
+    with pytest.raises(
+        ConfigError, match=r"^aux_reward\.toxicity\.model=.*aux_reward\.toxicity\.use_safetensors"
+    ):
+        load_classifier(ClassifierConfig(model=str(directory), device="cpu"), "toxicity")
+    opted_out = ClassifierConfig(model=str(directory), device="cpu", use_safetensors=False)
+    assert load_classifier(opted_out, "toxicity").labels is not None

@@ -1,14 +1,19 @@
 """Any hub or local causal LM through `from_pretrained` (a LoRA adapter checkpoint too), optionally with
-LoRA adapters on top; a frozen reference loaded the same way; the run's checkpoint written back."""
+LoRA adapters on top; a frozen reference loaded the same way; the run's checkpoint written back.
+
+Weights load from .safetensors files only (`use_safetensors`): a pickle (pytorch_model.bin,
+adapter_model.bin) runs code when it is loaded, so a checkpoint that has only pickles is refused, naming the
+key that opts out (`model.use_safetensors=false`, for checkpoints you trust)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefopt.config import ConfigFieldError
+from prefopt.config import ConfigError, ConfigFieldError
 from prefopt.models.lora import LoraConfig, apply_lora, is_lora
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,7 @@ class PretrainedModelConfig:
     attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2; None: transformers' choice
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, slower
     trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only ones you trust)
+    use_safetensors: bool = True  # weights from .safetensors only; false: pickles too (only ones you trust)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
@@ -70,7 +76,11 @@ def load_options(cfg: PretrainedModelConfig) -> dict:
             "machine with your permissions; use it only for checkpoints you trust",
             cfg.name_or_path,
         )
-    return {"attn_implementation": cfg.attn_implementation, "trust_remote_code": bool(cfg.trust_remote_code)}
+    return {
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": bool(cfg.trust_remote_code),
+        "use_safetensors": bool(cfg.use_safetensors),
+    }
 
 
 def _checkpoint_activations(model) -> None:
@@ -82,17 +92,30 @@ def _checkpoint_activations(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_reference(name_or_path: str, dtype: str = "float32"):
-    return load_causal_lm(name_or_path, dtype, "model.reference_name_or_path")
+def load_reference(name_or_path: str, dtype: str = "float32", use_safetensors: bool = True):
+    return load_causal_lm(
+        name_or_path, dtype, "model.reference_name_or_path", use_safetensors=use_safetensors
+    )
 
 
-def load_causal_lm(name_or_path: str, dtype: str, key: str, revision: str | None = None, **options):
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str,
+    key: str,
+    revision: str | None = None,
+    use_safetensors: bool = True,
+    **options,
+):
     """`AutoModelForCausalLM.from_pretrained`; a LoRA adapter directory (adapter_config.json) loads its base
-    (recursively: a chain of adapters) and is merged into it. `key` names the config key in errors."""
+    (recursively: a chain of adapters) and is merged into it. `key` names the config key in errors; with
+    `use_safetensors` a checkpoint of pickled weights only is refused."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = check_local_path(name_or_path, key)
+    opt_out = "model.use_safetensors"
+    if use_safetensors:
+        require_safetensors(path, f"{key}={name_or_path}", opt_out)
     if path is not None and (path / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -102,15 +125,50 @@ def load_causal_lm(name_or_path: str, dtype: str, key: str, revision: str | None
                 f"{key}: the adapter checkpoint {path} names no base model (base_model_name_or_path in "
                 "adapter_config.json is null); load its base and apply it with peft, or save it merged"
             )
-        base = load_causal_lm(base_name, dtype, f"base_model_name_or_path of {path}", **options)
+        base_key = f"base_model_name_or_path of {path}"
+        base = load_causal_lm(base_name, dtype, base_key, use_safetensors=use_safetensors, **options)
         log.info("model: LoRA adapter %s merged into its base %s", path, base_name)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(
-        str(path) if path is not None else name_or_path,
-        dtype=getattr(torch, dtype),
-        revision=revision,
-        **options,
-    )
+    with safetensors_hint(f"{key}={name_or_path}", opt_out, use_safetensors):
+        return AutoModelForCausalLM.from_pretrained(
+            str(path) if path is not None else name_or_path,
+            dtype=getattr(torch, dtype),
+            revision=revision,
+            use_safetensors=True if use_safetensors else None,  # None: safetensors first, else a pickle
+            **options,
+        )
+
+
+PICKLES = ("pytorch_model", "adapter_model", "model")  # *.bin weights transformers and peft would unpickle
+
+
+def require_safetensors(path: Path | None, where: str, opt_out: str) -> None:
+    """A local checkpoint directory whose weights are pickles only (*.bin, no *.safetensors) is a one-line
+    ConfigError naming the directory and the key that opts out; a hub id is checked when it loads."""
+    if path is None or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.glob("*.bin") if f.name.startswith(PICKLES))
+    if pickles:
+        raise ConfigError(
+            f"{where}: {path} holds pickled weights only ({', '.join(pickles)}), and loading a pickle runs "
+            f"code; convert it (load it once, save_pretrained writes .safetensors), or set {opt_out}=false "
+            "for a checkpoint you trust"
+        )
+
+
+@contextlib.contextmanager
+def safetensors_hint(where: str, opt_out: str, use_safetensors: bool):
+    """A hub checkpoint without .safetensors files fails in `from_pretrained`: one line naming the opt-out."""
+    try:
+        yield
+    except OSError as error:
+        if not use_safetensors or "safetensors" not in str(error):
+            raise
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(
+            f"{where}: {first} (weights load from .safetensors only; {opt_out}=false also "
+            "loads pickles, for a checkpoint you trust)"
+        ) from error
 
 
 def check_local_path(name_or_path: str, key: str) -> Path | None:

@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from prefopt.config import ConfigFieldError
-from prefopt.models.pretrained import DTYPES, check_local_path, local_path_problem
+from prefopt.config import ConfigError, ConfigFieldError
+from prefopt.models.pretrained import (
+    DTYPES,
+    check_local_path,
+    local_path_problem,
+    require_safetensors,
+    safetensors_hint,
+)
 from prefopt.progress import progress
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
@@ -32,6 +38,7 @@ class ClassifierConfig(RewardConfig):
     max_length: int = 512  # tokens; longer inputs are cut (the tokenizer's truncation side)
     device: str = "auto"  # auto: cuda when present, else cpu; or cpu, cuda, cuda:1, ...
     dtype: str = "float32"  # weight dtype: float32 | bfloat16 | float16
+    use_safetensors: bool = True  # weights from .safetensors only; false: pickles too (only ones you trust)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -120,9 +127,17 @@ def load_classifier(cfg: ClassifierConfig, name: str) -> Classifier:
     key = f"aux_reward.{name}.model"
     path = check_local_path(cfg.model, key)
     source = str(path) if path is not None else cfg.model
+    opt_out, safe = f"aux_reward.{name}.use_safetensors", bool(cfg.use_safetensors)
+    if safe:
+        require_safetensors(path, f"{key}={cfg.model}", opt_out)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=getattr(torch, cfg.dtype))
+        with safetensors_hint(f"{key}={cfg.model}", opt_out, safe):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=getattr(torch, cfg.dtype), use_safetensors=True if safe else None
+            )
+    except ConfigError:  # pickled weights only: it names the opt-out
+        raise
     except (OSError, ValueError) as e:  # no checkpoint there, offline, or no tokenizer files
         raise ValueError(f"{key}={cfg.model}: cannot load it ({str(e).strip().splitlines()[0]})") from e
     if tokenizer.pad_token is None:  # decoder reward models often have none
