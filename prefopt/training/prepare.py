@@ -317,7 +317,8 @@ def _reference(rc: RunConfig, policy, device):
     if not path and is_lora(policy):
         return adapter_reference(policy)
     dtype = getattr(rc.model, "dtype", "float32")
-    reference = load_reference(path, dtype).to(device) if path else copy.deepcopy(policy)
+    safetensors = getattr(rc.model, "use_safetensors", True)
+    reference = load_reference(path, dtype, safetensors).to(device) if path else copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)
     return reference
