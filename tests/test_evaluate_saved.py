@@ -162,3 +162,11 @@ def test_evaluate_refuses_a_dir_without_a_saved_model(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "no saved model" in capsys.readouterr().err
+
+
+def test_evaluate_reports_an_hpo_runs_own_final_eval_with_its_trained_value_head(tmp_path):
+    """HPO's critic is exported beside the policy (value_head.safetensors) and loaded back."""
+    run_training(tmp_path, "objective=hpo", "aux_reward=length", "trainer.max_steps=4")
+    assert (tmp_path / "checkpoint" / "value_head.safetensors").is_file()
+    final, _, _ = evaluate(tmp_path)
+    assert_same_final(tmp_path, final)

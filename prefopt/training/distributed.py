@@ -269,14 +269,30 @@ def export_policy(run, rc, directory: Path) -> None:
     """The final policy in Hugging Face format; under FSDP2 gathered to rank 0, which writes it."""
     from prefopt.models import save_checkpoint as export_model
 
+    value_head = run.inputs.value_head
     if not sharded():
         export_model(run.policy, run.tokenizer, directory, rc.model.lora.save_merged)
+        if value_head is not None:
+            _save_value_head(value_head.state_dict(), directory)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(run.policy, options=options)  # collective: every rank takes part
+    head = get_model_state_dict(value_head, options=options) if value_head is not None else None
     if world().is_main:
         run.policy.save_pretrained(directory, state_dict=full, safe_serialization=True)
         run.tokenizer.save_pretrained(directory)
+        if head is not None:
+            _save_value_head(head, directory)
     barrier()
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def _save_value_head(state: dict, directory: Path) -> None:
+    """HPO's critic beside the policy, so `prefopt evaluate` computes the run's own value-head metrics."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / VALUE_HEAD_FILE))

@@ -81,6 +81,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     if source is not None:
         run, reference = _runs_own_reference(rc, run, source, device)
         load_policy_weights(run.policy, source / "checkpoint")
+        load_value_head(run.inputs.value_head, source / "checkpoint")
         run.inputs.policy_is_reference = False  # the policy is the trained one now
     if rc.trainer.epochs is not None:  # as the run computed its step count
         rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
@@ -174,6 +175,22 @@ def load_policy_weights(policy, checkpoint: Path) -> None:
             f"{checkpoint}: its weights do not fit the run's model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]})"
         )
+
+
+def load_value_head(value_head, checkpoint: Path) -> None:
+    """HPO's trained critic, where the run saved one (runs before it was exported start from a new head,
+    so only the metrics that read it differ from the run's)."""
+    from safetensors.torch import load_file
+
+    from prefopt.training.distributed import VALUE_HEAD_FILE
+
+    path = checkpoint / VALUE_HEAD_FILE
+    if value_head is None:
+        return
+    if not path.is_file():
+        log.warning("%s: no %s; the value head's metrics come from a new head", checkpoint, VALUE_HEAD_FILE)
+        return
+    value_head.load_state_dict(load_file(path))
 
 
 def main(argv: list[str]) -> int:
