@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         if mistake:
             print(f"prefopt: config error: {mistake}", file=sys.stderr)
             return 2
+        unwritable = unwritable_output_dir(rest)
+        if unwritable:  # Hydra would fail to create it with a traceback
+            print(f"prefopt: {unwritable}", file=sys.stderr)
+            return 2
         sys.argv = ["prefopt train", *rest]
         train_main()
         return 0
@@ -81,6 +85,27 @@ def override_mistake(args: list[str]) -> str | None:
             except ConfigCompositionException:
                 known = compose("train", return_hydra_config=True)
             return _unknown_key(key, known)
+
+
+def unwritable_output_dir(args: list[str]) -> str | None:
+    """`cannot write to <dir>: <reason>` when the output dir of `args` (hydra.run.dir, or hydra.sweep.dir
+    with -m) cannot be created: its nearest existing ancestor is a file, on a read-only file system or not
+    writable. Checked without creating anything; the part of a dir before any `${...}` is what is checked
+    (conf/train.yaml's dirs start with outputs/)."""
+    import errno
+
+    key = "hydra.sweep.dir=" if {"-m", "--multirun"} & set(args) else "hydra.run.dir="
+    given = [o.removeprefix(key) for o in _job_overrides(args) or [] if o.startswith(key)]
+    directory = given[-1] if given else "outputs"
+    existing = Path(directory.split("${", 1)[0] or ".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot write to {directory}: {existing} is not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    return f"cannot write to {directory}: {os.strerror(errno.EROFS if read_only else errno.EACCES)}"
 
 
 def _job_overrides(args: list[str]) -> list[str] | None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prefopt.evaluation.judges import win_rate_interval
+from prefopt.files import atomic_write_text
 from prefopt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def write_samples(path: Path, samples: Samples, scores: dict, judgements: dict) 
             }
             rows.append(json.dumps(record))
             table.append([prompt, samples.policy[p][s], samples.reference[p][s], samples.chosen[p]])
-    path.write_text("\n".join(rows) + ("\n" if rows else ""))
+    atomic_write_text(path, "\n".join(rows) + ("\n" if rows else ""))  # all of it or the old file
     return table
 
 

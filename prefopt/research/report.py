@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 
+from prefopt.files import atomic_write_text
 from prefopt.research import figures
 from prefopt.research.figures import CONVERGED, FigureResult, FigureSpec
 from prefopt.research.formatting import fmt, fmt_value, sort_key
@@ -114,7 +115,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     jobs = load_sweep(sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = runs_frame(jobs)
-    runs.to_csv(out_dir / "runs.csv", index=False)
+    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
 
     completed = [job for job in jobs if job.status == "completed"]
     swept = swept_keys(jobs)
@@ -127,7 +128,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
     history = history_frame(completed)
     specs = specs or figures.default_specs(done, group_keys, metrics, history)
     summary = summary_frame(done, group_keys, metrics)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
 
     by_name = {job.name: job for job in completed}
     for key in dict.fromkeys(k for spec in specs for k in spec.keys_used()):
@@ -136,7 +137,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> Path:
 
     text = _markdown(sweep_dir, node, jobs, swept, summary, group_keys, metrics, results)
     path = out_dir / "REPORT.md"
-    path.write_text(text)
+    atomic_write_text(path, text)
     return path
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prefopt.files import atomic_write_text
 from prefopt.progress import progress
 from prefopt.research.report import write_report
 from prefopt.research.theory import EXPLANATION, theory_check
@@ -116,7 +117,7 @@ def assemble_report(out: Path, names: list[str], wall_s: float | None = None) ->
     sections += ["## Reading the theory checks", "", EXPLANATION, ""]
     sections += [f"Total wall time: {wall_s:.0f} s."] if wall_s is not None else []
     path = out / "REPORT.md"
-    path.write_text("\n".join(sections).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(sections).rstrip() + "\n")
     return path
 
 

@@ -1,9 +1,11 @@
 """Reading a Hydra multirun for `prefopt report`: its job dirs (overrides, config, summary.json, eval.json)
-as `Job`s, a job's value for a key, and the runs and eval-history frames built from them."""
+as `Job`s, a job's value for a key, and the runs and eval-history frames built from them. A job whose
+summary.json is damaged, or says completed without its final eval, counts as failed (one warning naming
+the file), never as completed."""
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -14,9 +16,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefopt.files import DamagedFile, read_json
 from prefopt.research.figures import CONVERGED
 from prefopt.research.formatting import fmt_value
 
+log = logging.getLogger(__name__)
 OUTSIDE_MASS = "eval/outside_mass"  # always in the summary table when present
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a per-prompt metric: eval/pi_theta/p0/y1, eval/outside_mass/p3
 CONVERGENCE_VALUES = [
@@ -75,17 +79,32 @@ def load_sweep(sweep_dir: Path) -> list[Job]:
 
 def load_job(path: Path) -> Job:
     config = _read(path / ".hydra" / "config.yaml", OmegaConf.load)
-    summary, problem = None, "no summary.json"
-    if (path / "summary.json").is_file():
-        summary = _read(path / "summary.json", lambda p: json.loads(p.read_text()))
-        problem = "" if isinstance(summary, dict) else "unreadable summary.json"
-        summary = summary if isinstance(summary, dict) else None
+    summary, problem = _read_summary(path / "summary.json")
     raw = _read(path / ".hydra" / "overrides.yaml", OmegaConf.load)
     raw = list(raw) if raw is not None else (summary or {}).get("overrides") or []
-    evals = _read(path / "eval.json", lambda p: json.loads(p.read_text())) if summary else None
+    evals = _read(path / "eval.json", read_json) if summary else None
     evals = evals if isinstance(evals, dict) else {}
     overrides = dict(parse_override(str(item)) for item in raw if "=" in str(item))
     return Job(path.name, path, overrides, config, summary, problem, evals.get("history") or [], evals)
+
+
+def _read_summary(file: Path) -> tuple[dict | None, str]:
+    """(summary.json's content, why there is none): (None, "no summary.json") when absent; a damaged or
+    incomplete one becomes a failed run's summary whose error names the file, with one warning."""
+    if not file.is_file():
+        return None, "no summary.json"
+    try:
+        summary = read_json(file)
+        problem = "" if isinstance(summary, dict) else f"{file}: damaged (not a JSON object)"
+    except (DamagedFile, OSError) as error:
+        summary, problem = None, str(error)
+    completed = not problem and summary.get("status") == "completed"
+    if completed and not isinstance(summary.get("final_eval"), dict):
+        problem = f"{file}: incomplete (says completed, holds no final_eval)"
+    if not problem:
+        return summary, ""
+    log.warning("%s: counted as a failed run", problem)
+    return {"status": "failed", "error": problem}, ""
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -11,7 +11,9 @@ The tensors go through `torch.distributed.checkpoint` with its Hugging Face (saf
 reads and writes the same way in one process and in a sharded FSDP2 job: nothing is pickled, nothing is
 unpickled. A checkpoint is written into a temporary directory, fsynced and renamed, so a kill leaves
 either the whole checkpoint or none; `trainer_state.json` records every file's size, so a truncated one is
-seen before loading.
+seen before loading, and each safetensors file's header is checked (a file zeroed by a crash keeps its
+size). A staging dir a dead process left behind is never read and is removed by the next save; a save
+that fails (a full disk) removes its own.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import json
 import logging
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prefopt.files import DamagedFile, atomic_write_json, read_json
 from prefopt.training.distributed import all_true, barrier, broadcast_object, world
 
 log = logging.getLogger(__name__)
@@ -112,13 +116,19 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     staging = final.parent / f".{final.name}.tmp-{broadcast_object(os.getpid())}"  # rank 0's, on every rank
     if world().is_main:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(run_dir)  # a killed or failed earlier save's (one writer per run dir: never live)
         (staging / "state").mkdir(parents=True)
     barrier()
-    _dcp(True, tensors, staging / "state")
-    barrier()  # every rank's shards are written
+    try:
+        _dcp(True, tensors, staging / "state")
+        barrier()  # every rank's shards are written
+        if world().is_main:
+            _finish(staging, final, tensors, aliases, optimizer_values, scheduler, python_rng, record)
+    except BaseException:
+        if world().is_main:  # a full disk, a signal: leave no half checkpoint taking space
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if world().is_main:
-        _finish(staging, final, tensors, aliases, optimizer_values, scheduler, python_rng, record)
         _prune(run_dir, keep_last)
         log.info("checkpoint: step %d -> %s", step, final)
     barrier()
@@ -137,11 +147,10 @@ def _finish(staging: Path, final: Path, tensors, aliases, optimizer_values, sche
         "rng": python_rng,
         **record,
     }
-    (staging / STATE_FILE).write_text(json.dumps(state))
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STATE_FILE)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
     state["files"] = {str(p.relative_to(staging)): p.stat().st_size for p in files}
-    (staging / STATE_FILE).write_text(json.dumps(state))
-    for path in [*files, staging / STATE_FILE, staging / "state", staging]:
+    atomic_write_json(staging / STATE_FILE, state, indent=None)  # fsynced, as the files below
+    for path in [*files, staging / "state", staging]:
         _fsync(path)
     if final.exists():  # the same step written again (a resumed run's last step): replace it whole
         shutil.rmtree(final)
@@ -151,11 +160,19 @@ def _finish(staging: Path, final: Path, tensors, aliases, optimizer_values, sche
 
 def _prune(run_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last`; drop staging dirs a killed write left behind."""
-    for old in [*_step_dirs(run_dir)[keep_last:], *(run_dir / CHECKPOINTS).glob(".step-*.tmp-*")]:
+    for old in step_dirs(run_dir)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_staging(run_dir)
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
+def _remove_staging(run_dir: Path) -> None:
+    """Staging dirs (`.step-XXXXXX.tmp-<pid>`) of saves that never finished: a killed process's, or one
+    that failed. Only the run dir's one writer (its lock holder) saves, so none of them is being written."""
+    for stale in (run_dir / CHECKPOINTS).glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
     """Checkpoint dirs, newest first (staging dirs start with a dot and are never listed)."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
@@ -169,10 +186,10 @@ def read_state(path: Path) -> dict:
     if not state_file.is_file():
         raise CheckpointError(f"{path}: no {STATE_FILE} (not a checkpoint, or its write never finished)")
     try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{state_file}: unreadable ({error})") from None
-    if state.get("format_version") != FORMAT_VERSION or "files" not in state:
+        state = read_json(state_file)
+    except DamagedFile as error:  # empty, torn or overwritten
+        raise CheckpointError(str(error)) from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "files" not in state:
         raise CheckpointError(f"{state_file}: not a prefopt checkpoint of format {FORMAT_VERSION}")
     for name, size in state["files"].items():
         file = path / name
@@ -180,7 +197,25 @@ def read_state(path: Path) -> dict:
             raise CheckpointError(f"{path}: {name} is missing")
         if file.stat().st_size != size:
             raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {size} bytes)")
+        if file.suffix == ".safetensors" and not _safetensors_header_ok(file, size):
+            raise CheckpointError(f"{path}: {name} is damaged (its safetensors header does not read)")
     return state
+
+
+def _safetensors_header_ok(file: Path, size: int) -> bool:
+    """A safetensors file starts with its header's length (u64, little-endian) and a JSON header that fits
+    in the file: cheap to read, and it catches a file zeroed or overwritten in place."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return False
+        (length,) = struct.unpack("<Q", head)
+        if not 2 <= length <= size - 8:
+            return False
+        try:
+            return isinstance(json.loads(handle.read(length)), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
 
 
 def find_checkpoint(target: str, run_dir: Path) -> Path | None:
@@ -196,7 +231,7 @@ def find_checkpoint(target: str, run_dir: Path) -> Path | None:
             return path
         run_dir = path
     damaged = []
-    for candidate in _step_dirs(run_dir):
+    for candidate in step_dirs(run_dir):
         try:
             read_state(candidate)
         except CheckpointError as error:

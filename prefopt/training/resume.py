@@ -1,18 +1,24 @@
 """`trainer.resume`: which checkpoint a run continues from, decided before anything loads.
 
-A run dir holds one run. Without `trainer.resume` a run dir that already has `metrics.jsonl` is refused;
-with `trainer.resume=auto` a finished run is skipped (so a whole multirun can be resumed), an interrupted
-one continues from its newest intact checkpoint, and one that never checkpointed starts over. The config
-must be the checkpoint's, except the keys `trainer.resume_allow_changes` names.
+A run dir holds one run. Without `trainer.resume` a run dir that already has `metrics.jsonl` is refused,
+unless its earlier attempt failed before its first training step (then it is replaced); with
+`trainer.resume=auto` a finished run is skipped (so a whole multirun can be resumed), an interrupted one
+continues from its newest intact checkpoint, and one that never checkpointed starts over. A damaged
+summary.json or checkpoint is named in a warning and passed over. The config must be the checkpoint's,
+except the keys `trainer.resume_allow_changes` names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import ConfigError, RunConfig
+from prefopt.files import DamagedFile, read_json
+
+log = logging.getLogger(__name__)
 
 ALWAYS_ALLOWED = ("trainer.resume", "trainer.resume_allow_changes", "hydra")
 
@@ -36,15 +42,17 @@ def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
     target = rc.trainer.resume
     has_metrics = (run_dir / "metrics.jsonl").exists()
     if target is None:
-        if has_metrics:
+        if not has_metrics:
+            return ResumePlan()
+        if not failed_before_training(run_dir):
             raise RunDirInUse(
                 f"{run_dir} already holds a run (metrics.jsonl); continue it with trainer.resume=auto, "
                 "or choose another hydra.run.dir"
             )
-        return ResumePlan()
-    summary_file = run_dir / "summary.json"
-    if target == "auto" and summary_file.exists():
-        summary = json.loads(summary_file.read_text())
+        log.info("%s: replacing an earlier attempt that failed before its first training step", run_dir)
+        return ResumePlan(restart=True)
+    if target == "auto":
+        summary = read_summary(run_dir)
         if summary.get("status") == "completed":
             return ResumePlan(finished=summary)
     try:
@@ -56,6 +64,43 @@ def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
     state = read_state(checkpoint)
     check_config_unchanged(rc.raw, state["config"], rc.trainer.resume_allow_changes)
     return ResumePlan(checkpoint=checkpoint, state=state)
+
+
+def read_summary(run_dir: Path) -> dict:
+    """summary.json's content; {} when it is absent, or damaged (one warning naming it: a run whose summary
+    does not read is not taken for completed)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = read_json(path)
+    except DamagedFile as error:
+        log.warning("%s; not taking the run for completed", error)
+        return {}
+    if not isinstance(summary, dict):
+        log.warning("%s: damaged (not a JSON object); not taking the run for completed", path)
+        return {}
+    return summary
+
+
+def failed_before_training(run_dir: Path) -> bool:
+    """Whether the run dir's earlier attempt recorded no training step: no checkpoint, no metrics record
+    after step 0 (the reference eval), and summary.json absent or saying failed or interrupted."""
+    from prefopt.training.checkpoint import step_dirs
+
+    if step_dirs(run_dir) or read_summary(run_dir).get("status") not in (None, "failed", "interrupted"):
+        return False
+    lines = (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+    return all(_record_step(line) == 0 for line in lines if line.strip())
+
+
+def _record_step(line: str) -> int | None:
+    """A metrics.jsonl line's step; None when the line does not read (so it is never taken for step 0)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
 
 
 def check_config_unchanged(current: dict, saved: dict, allowed: list[str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 
 from prefopt.config import RunConfig
+from prefopt.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 CLOSING_ROWS = {  # the closing summary: reference (step 0) beside final
@@ -37,7 +38,7 @@ def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
         judge = LLMJudge(options, run_dir / "judge_cache")
     metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
     rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
-    (run_dir / "generation_eval.md").write_text(markdown_table(metrics, len(rows)))
+    atomic_write_text(run_dir / "generation_eval.md", markdown_table(metrics, len(rows)))
     tracker.log(metrics, rc.trainer.max_steps)
     tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
     return metrics

@@ -3,7 +3,8 @@
 The loop calls the same methods whether W&B is on or off. W&B is imported lazily; mode `auto` goes online
 with an API key and offline otherwise. W&B never takes a run down: if it cannot start online it logs
 offline, if it cannot start at all, or fails mid-run, it is turned off with one warning, and
-`metrics.jsonl` stays the durable record. A resumed run continues the same file and the same W&B run.
+`metrics.jsonl` stays the durable record: appended to, one flushed line per record. A resumed run rewrites
+it (atomically) to the records its checkpoint covers, then continues the same file and the same W&B run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from prefopt.config import LoggerConfig
+from prefopt.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,8 @@ class Tracker:
         path = run_dir / "metrics.jsonl"
         if kept_records is None:
             self.metrics_file = open(path, "x")  # noqa: SIM115 - closed in finish()
-        else:  # rewrite what the checkpoint covers, then continue after it
-            path.write_text("".join(line + "\n" for line in kept_records))
+        else:  # rewrite what the checkpoint covers (never half of it), then continue after it
+            atomic_write_text(path, "".join(line + "\n" for line in kept_records))
             self.metrics_file = open(path, "a")  # noqa: SIM115
         self.records = len(kept_records or [])
         self.start = time.perf_counter()
@@ -83,8 +85,10 @@ class Tracker:
 
     def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
         """Close metrics.jsonl and the W&B run (marked failed with a non-zero `exit_code`, or preempting,
-        so W&B expects it back); idempotent."""
-        self.metrics_file.close()
+        so W&B expects it back); idempotent. A record a full disk kept from metrics.jsonl is dropped here:
+        a resume rewrites the file to its checkpoint's records."""
+        with contextlib.suppress(OSError):
+            self.metrics_file.close()
         if self.wandb_run is None:
             return
         run, self.wandb_run = self.wandb_run, None

@@ -3,18 +3,22 @@
 The loop reads top to bottom: schedule, micro-batches, forward, loss, backward, clip, step, log, eval,
 checkpoint. It never looks at the objective's name; what an objective needs is built in `prepare`.
 Checkpoints hold the whole training state (`prefopt.training.checkpoint`), so a run killed at any moment
-and resumed with `trainer.resume=auto` takes the same steps as one never interrupted.
+and resumed with `trainer.resume=auto` takes the same steps as one never interrupted. One process writes a
+run dir (`prefopt.files.RunDirLock`), every state file is written atomically, and a full disk ends the run
+with one line naming the command that resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict
@@ -24,6 +28,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import ConfigError, RunConfig, load_run_config
+from prefopt.files import RunDirLock, RunDirLocked, atomic_write_json, atomic_write_text, is_disk_full
 from prefopt.training.loop_state import (
     LoopState,
     NonFiniteTraining,
@@ -54,7 +59,8 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
         return plan.finished
     main_process = world().is_main
     if main_process:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(rc.raw))  # resolved: interpolations filled
+        resolved = OmegaConf.to_yaml(rc.raw)  # interpolations filled
+        atomic_write_text(run_dir / "config.yaml", resolved)
     saved = plan.state  # the checkpoint's trainer_state.json, read once by plan_resume
     started = time.perf_counter()
     tracker = None
@@ -79,7 +85,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
             tracker.finish(exit_code=getattr(error, "exit_code", 1), preempted=isinstance(error, Preempted))
         raise
     if main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(run_dir / "summary.json", summary)
     convergence = {
         f"convergence/{k}": v for k, v in summary["convergence"].items() if not isinstance(v, list)
     }
@@ -90,13 +96,16 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
 
 
 def _kept_records(checkpoint: Path, saved: dict) -> list[str]:
-    """The metrics.jsonl lines written up to the checkpoint (the checkpoint's run dir may be another)."""
+    """The metrics.jsonl lines written up to the checkpoint (the checkpoint's run dir may be another); what
+    a kill or a second writer left after them is dropped."""
     source = checkpoint.parents[1] / "metrics.jsonl"
-    lines = source.read_text().splitlines() if source.exists() else []
+    lines = source.read_text(errors="replace").splitlines() if source.exists() else []
     return lines[: saved["metrics_records"]]
 
 
 def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, started: float) -> None:
+    """summary.json of a run that did not complete, written atomically; a write that fails (the disk that
+    ended the run is full) leaves the previous file and never hides the run's own error."""
     status = {Preempted: "preempted", KeyboardInterrupt: "interrupted"}.get(type(error), "failed")
     failed = {
         "status": status,
@@ -108,7 +117,10 @@ def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, st
     }
     if isinstance(error, Preempted):
         failed |= {"step": error.step, "checkpoint": str(error.checkpoint), "resume": resume_command(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(failed, indent=1))
+    try:
+        atomic_write_json(run_dir / "summary.json", failed)
+    except OSError as write_error:
+        log.warning("summary.json not written (%s)", write_error)
 
 
 def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, guard) -> dict:
@@ -260,7 +272,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
         "task": task_record(run.task),
     }
     if world().is_main:
-        (run_dir / "eval.json").write_text(json.dumps(evaluation, indent=1))
+        atomic_write_json(run_dir / "eval.json", evaluation)
     return {
         "status": "completed",
         "objective": rc.objective_name,
@@ -331,6 +343,55 @@ def _sweep_group() -> str | None:
     return "-".join(Path(hydra_cfg.sweep.dir).parts[-2:])
 
 
+class RunDirUnwritable(OSError):
+    """The run dir cannot be written (a read-only file system, no permission)."""
+
+
+@contextlib.contextmanager
+def _sole_writer(run_dir: Path):
+    """Hold the run dir's lock while the run lasts (rank 0 alone under torchrun: the others write only
+    through it). RunDirLocked names the dir and the pid of the process already writing it."""
+    from prefopt.training.distributed import world
+
+    if not world().is_main:
+        yield
+        return
+    try:
+        lock = RunDirLock(run_dir).acquire()
+    except OSError as error:
+        raise RunDirUnwritable(f"cannot write to {run_dir}: {error.strerror or error}") from None
+    try:
+        yield
+    finally:
+        lock.release()  # a multirun's worker process goes on to its next job
+
+
+def _end_with_sweep_parent() -> None:
+    """In a multirun job run by a worker process (joblib's loky workers), end this process as soon as the
+    process that started the sweep is gone, however it ended (SIGKILL included): a worker left training
+    would otherwise write on, unseen, and race a resumed sweep. Checked every 0.2 s; one watcher a worker."""
+    import multiprocessing
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if multiprocessing.parent_process() is None or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return  # the process the user started: it ends when they end it
+    if any(thread.name == _WATCHER for thread in threading.enumerate()):
+        return
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name=_WATCHER, daemon=True).start()
+
+
+_WATCHER = "prefopt-sweep-parent-watcher"
+
+
+def _watch_parent(parent: int) -> None:
+    """SIGKILL this process once its parent is no longer `parent` (it died; the process was re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _log_to_files(message: str) -> None:
     """Write to the log files only (Hydra's train.log), not to the terminal."""
     root = logging.getLogger()
@@ -376,14 +437,20 @@ def main(cfg: DictConfig) -> dict:
     from prefopt.progress import route_library_logs
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    logging.raiseExceptions = False  # a log file on a full disk: no '--- Logging error ---' per record
+    _end_with_sweep_parent()
     try:
         rc = load_run_config(cfg)  # fails fast, before torch, any model or any data is loaded
         run_dir = _join_ranks(rc, run_dir)
-        route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
-        with logging_redirect_tqdm():  # log lines print above the progress bars
-            return train(rc, run_dir, _sweep_group())
+        with _sole_writer(run_dir):  # before anything of ours is written to the run dir
+            route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
+            with logging_redirect_tqdm():  # log lines print above the progress bars
+                return train(rc, run_dir, _sweep_group())
     except (ConfigError, RunDirInUse) as error:  # raised before anything loads
         print(f"prefopt: config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (RunDirLocked, RunDirUnwritable) as error:
+        print(f"prefopt: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except Preempted as stop:
         print(
@@ -399,10 +466,17 @@ def main(cfg: DictConfig) -> dict:
         _log_to_files(traceback.format_exc())
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        print(
-            f"prefopt: {type(error).__name__}: {message} (traceback in {run_dir / 'train.log'}; "
-            "HYDRA_FULL_ERROR=1 shows it here)",
-            file=sys.stderr,
-        )
+        print(_failure_line(error, run_dir), file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _failure_line(error: Exception, run_dir: Path) -> str:
+    """The one terminal line for a run that failed: a full disk names the command that resumes the run
+    once space is freed (exit code 1 as any failure; summary.json says failed where it could be written)."""
+    if is_disk_full(error):
+        return f"prefopt: no space left on {run_dir}; free space, then resume with: {resume_command(run_dir)}"
+    message = str(error).splitlines()[0] if str(error) else ""
+    return (
+        f"prefopt: {type(error).__name__}: {message} (traceback in {run_dir / 'train.log'}; "
+        "HYDRA_FULL_ERROR=1 shows it here)"
+    )
