@@ -16,12 +16,26 @@ token-level from logits). It is a sum over the vocabulary / response space and a
 loop averages the per-example losses). We deliberately do NOT reproduce the official code's
 `F.kl_div(..., reduction='mean')`, which silently divides lam by |Y|. lam is EXPO's own strength, not on
 DPO's beta scale. Implied rewards: lp(y).
+
+length_normalize (ours, off by default): on real text d compares summed log-probs, so it mostly measures
+length (a longer answer has a lower lp). With the option on, both terms are per token, n = (|y_w| + |y_l|)/2:
+
+    d    = lp(y_w) / |y_w| - lp(y_l) / |y_l|                                    # (B,) as in SimPO
+    loss = bt(d) + lam KL / n                                                    # (B,)
+
+The KL is divided too: it is a sum over response positions, so with a per-token bt next to it the pull
+towards pi_ref would grow with |y| and lam would mean something else on every length. Dividing both terms
+keeps lam's per-token balance of the paper's form, independent of length (for kl_estimator=token, KL / n
+is exactly the mean per-position KL over the pair's responses; for exact / samples it is the same per-token
+scale). This gives up the paper's guarantee: the minimizer of bt(d) is no longer pi* when lengths differ.
+Implied rewards then: lp(y) / |y|.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,8 +60,14 @@ class EXPOConfig(ObjectiveConfig):
     """How the loop estimates the KL: exact (enumerable responses) | token (full-vocab logits) | samples."""
     kl_samples_per_prompt: int = field(default=4, metadata={"loop_only": True})
     """Reference samples per prompt for kl_estimator=samples (drawn once and cached)."""
+    length_normalize: bool = False
+    """Per-token log-probs lp(y)/|y| in the preference term and KL/mean(|y_w|, |y_l|); false: the paper's."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.length_normalize, bool):
+            raise ConfigFieldError(
+                "length_normalize", f"must be true or false, got {self.length_normalize!r}"
+            )
         if self.kl_estimator not in KL_ESTIMATOR_CHOICES:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_CHOICES}, got {self.kl_estimator!r}")
         if self.kl_samples_per_prompt < 1:
@@ -58,6 +78,13 @@ class EXPOConfig(ObjectiveConfig):
     def requirements(self) -> Requirements:
         return Requirements(reference=False, kl=True)
 
+    def loss_kwargs(self) -> dict:
+        """The paper's form is called with lam alone; length_normalize is passed only when on."""
+        kwargs = super().loss_kwargs()
+        if not self.length_normalize:
+            del kwargs["length_normalize"]
+        return kwargs
+
 
 def require_kl(extras: Extras, name: str) -> Tensor:
     """Extras.kl, or a clear error when the loop did not provide it."""
@@ -66,16 +93,32 @@ def require_kl(extras: Extras, name: str) -> Tensor:
     return extras.kl
 
 
-def loss(policy: PairLogps, reference: PairLogps | None, extras: Extras, *, lam: float) -> ObjectiveOutput:
-    """EXPO loss per pair; log-probs, labels and kl (B,) -> losses (B,). `reference` is ignored."""
+def scores(policy: PairLogps, extras: Extras, length_normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(s_w, s_l, kl_scale), each (B,): lp(y) and 1, or lp(y) / |y| and 1 / mean(|y_w|, |y_l|)."""
+    if not length_normalize:
+        return policy.chosen, policy.rejected, torch.ones_like(policy.chosen)
+    n_w, n_l = extras.chosen_tokens, extras.rejected_tokens  # (B,)
+    return policy.chosen / n_w, policy.rejected / n_l, 2 / (n_w + n_l)
+
+
+def loss(
+    policy: PairLogps,
+    reference: PairLogps | None,
+    extras: Extras,
+    *,
+    lam: float,
+    length_normalize: bool = False,
+) -> ObjectiveOutput:
+    """EXPO loss per pair; log-probs, labels, kl, token counts (B,) -> losses (B,). `reference` is ignored."""
     kl = require_kl(extras, "expo")  # (B,)
-    d = policy.chosen - policy.rejected  # (B,)
+    s_w, s_l, kl_scale = scores(policy, extras, length_normalize)  # (B,) each
+    d = s_w - s_l  # (B,)
     p = extras.labels  # (B,)
     bt = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))  # (B,)
     return ObjectiveOutput(
-        losses=bt + lam * kl,
-        chosen_rewards=policy.chosen.detach(),
-        rejected_rewards=policy.rejected.detach(),
+        losses=bt + lam * kl_scale * kl,
+        chosen_rewards=s_w.detach(),
+        rejected_rewards=s_l.detach(),
         metrics={"kl": kl.detach(), "bt_loss": bt.detach()},
     )
 

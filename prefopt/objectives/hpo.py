@@ -13,6 +13,13 @@ head V(x) owned by the loop:
 
 The margin form corrects the paper's printed sign typo. Terms with a zero coefficient are not added, so
 gamma = value_coef = margin_alpha = 0 reproduces the base loss exactly. Implied rewards: the base's.
+
+max_weight (ours; the paper leaves exp(lambda A) unclipped) defaults to 20, AWR's cap (Peng et al. 2019).
+Unclipped, e^{5A} is 148 at A = 1 (rewards in [0, 1], as the paper's) and 2e4 at A = 2 (a larger reward
+scale): the actor term then swamps the base loss. Capped, |L_actor| <= max_weight x the mean
+per-token NLL and |d L_actor / d lp(y)| <= max_weight / (2 |y|); at lambda = 5 the cap acts on A > 0.6.
+w is a constant (detached) either way: no gradient through the clip or into V. null / inf: unclipped,
+exactly. Metrics: actor_weight (mean w), actor_weight_clipped (share of weights at the cap), actor_loss.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prefopt.config import ConfigFieldError
 from prefopt.objectives import dpo, kto
 from prefopt.objectives.base import (
     Extras,
@@ -59,8 +67,8 @@ class HPOConfig(ObjectiveConfig):
     """tau in (0, 1) of the value head's expectile regression (0.5 = mean regression)."""
     actor_warmup_steps: int = 100
     """Optimizer steps with the actor loss off, so that V can fit first."""
-    max_weight: float | None = None
-    """Upper clamp on the actor weight exp(lambda A); None leaves it unclipped, as in the paper."""
+    max_weight: float | None = 20.0
+    """Upper clamp on the actor weight exp(lambda A) (AWR's 20); None or inf: unclipped, as in the paper."""
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
@@ -69,6 +77,8 @@ class HPOConfig(ObjectiveConfig):
             raise ValueError(f"margin_alpha applies to base=dpo only; got margin_alpha={self.margin_alpha}")
         if not 0.0 < self.expectile < 1.0:
             raise ValueError(f"expectile must be in (0, 1), got {self.expectile}")
+        if self.max_weight is not None and not self.max_weight > 0:
+            raise ConfigFieldError("max_weight", f"must be > 0 (or null: unclipped), got {self.max_weight}")
         dpo.DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing)  # validates both
 
     def requirements(self) -> Requirements:
@@ -110,8 +120,10 @@ def loss(
         out = dpo.pair_output(policy, reference, beta=beta, label_smoothing=label_smoothing, margin=margin)
     V = extras.values.unsqueeze(-1)  # (B, 1)
     adv = R - V.detach()  # (B, 2) the actor weight passes no gradient to V
-    w = torch.exp(adv_temperature * adv)
-    w = (w if max_weight is None else w.clamp(max=max_weight)).detach()  # (B, 2)
+    cap = float("inf") if max_weight is None else max_weight
+    w = torch.exp(adv_temperature * adv).detach()  # (B, 2) a constant, as in AWR
+    clipped = w > cap  # (B, 2)
+    w = w.clamp(max=cap)
     lp = torch.stack([policy.chosen, policy.rejected], dim=-1)  # (B, 2)
     tokens = torch.stack([extras.chosen_tokens, extras.rejected_tokens], dim=-1)  # (B, 2)
     actor = -(w * lp / tokens).mean(-1)  # (B,)
@@ -125,6 +137,7 @@ def loss(
         losses = losses + value_coef * value
     metrics = dict(out.metrics, base_loss=out.losses.detach(), actor_loss=actor.detach())
     metrics.update(value_loss=value.detach(), advantage=adv.mean(-1), actor_weight=w.mean(-1))
+    metrics["actor_weight_clipped"] = clipped.to(w.dtype).mean(-1)  # (B,) share of the pair's weights
     return ObjectiveOutput(losses, out.chosen_rewards, out.rejected_rewards, metrics)
 
 
