@@ -74,7 +74,8 @@ def test_two_ranks_with_fsdp2_take_the_steps_of_one_process_and_resume_from_shar
     single = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["final_eval"]["eval/loss"] == pytest.approx(single["final_eval"]["eval/loss"], abs=2e-4)
 
-    # the sharded checkpoint of step 6, continued by two ranks in another run dir: the same steps 7-12
+    # the sharded checkpoint of step 6, continued by two ranks in another run dir: the same steps 7-12, bit
+    # for bit (the same ranks, threads and reduction order on the same machine, from the saved state)
     step6 = checkpoint_dir(tmp_path / "fsdp", 6)
     prefopt(tmp_path / "resumed", "trainer=fsdp", f"trainer.resume={step6}", processes=2)
     assert train_records(tmp_path / "resumed") == [

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, compose_config, run_training, save_tiny_llama, torch_threads
+from test_logps import LOGPS_CLOSE
 from transformers import AutoModelForCausalLM
 
 from prefopt.config import ConfigError, load_run_config
@@ -160,6 +161,8 @@ def test_the_reference_is_the_base_with_adapters_disabled_and_the_policy_moves_w
     policy, _ = tiny(r=4)  # same seed: the same base weights under the adapters
     rows = padded(tokenizer)
     reference = adapter_reference(policy)
+    # exact up to 1e-6 (under an ulp here): B = 0 adds exact zeros to the base's own matmuls, and disabled
+    # adapters run the base layers alone; merging or reloading (below) rounds, so those get LOGPS_CLOSE
     with torch.no_grad():
         expected = model_logps(frozen_base, rows)
         torch.testing.assert_close(model_logps(policy, rows), expected, atol=1e-6, rtol=0)  # B = 0
@@ -169,7 +172,7 @@ def test_the_reference_is_the_base_with_adapters_disabled_and_the_policy_moves_w
         torch.testing.assert_close(model_logps(reference, rows), expected, atol=1e-6, rtol=0)
         with policy.disable_adapter():
             torch.testing.assert_close(model_logps(policy, rows), expected, atol=1e-6, rtol=0)
-        torch.testing.assert_close(moved, full_logits_logps(policy, rows), atol=1e-5, rtol=0)
+        torch.testing.assert_close(moved, full_logits_logps(policy, rows), **LOGPS_CLOSE)
     assert (moved - expected).abs().min() > 1e-3  # the adapters are on in the policy's log-prob path
 
 
@@ -188,7 +191,7 @@ def test_the_reference_holds_no_weights_of_its_own_and_restores_the_policys_mode
     with policy.disable_adapter(), torch.no_grad():
         policy.eval()
         expected = policy.generate(prompt, do_sample=False, max_new_tokens=4, pad_token_id=0)
-    assert generated.tolist() == expected.tolist()
+    assert generated.tolist() == expected.tolist()  # exact: the same base layers, the same greedy decode
 
 
 def test_only_adapters_train_once_the_reference_is_taken_and_their_gradients_arrive():
@@ -210,8 +213,9 @@ def test_weights_trained_before_the_reference_is_taken_are_folded_into_it():
     with torch.no_grad():
         fitted = model_logps(policy, rows)
         reference = adapter_reference(policy)
-        torch.testing.assert_close(model_logps(reference, rows), fitted, atol=1e-5, rtol=0)
-        torch.testing.assert_close(model_logps(policy, rows), fitted, atol=1e-5, rtol=0)
+        # folding W + s B A into the base rounds the weights: close, not equal
+        torch.testing.assert_close(model_logps(reference, rows), fitted, **LOGPS_CLOSE)
+        torch.testing.assert_close(model_logps(policy, rows), fitted, **LOGPS_CLOSE)
     assert all(not p.any() for n, p in policy.named_parameters() if "lora_B" in n)
 
 
@@ -244,10 +248,8 @@ def test_logps_go_through_the_adapters_on_every_configured_architecture(architec
     move_adapters(policy)
     with torch.no_grad():
         moved = model_logps(policy, rows)
-        torch.testing.assert_close(moved, full_logits_logps(policy, rows), atol=1e-5, rtol=0)
-        torch.testing.assert_close(
-            model_logps(reference, rows), full_logits_logps(base, rows), atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(moved, full_logits_logps(policy, rows), **LOGPS_CLOSE)
+        torch.testing.assert_close(model_logps(reference, rows), full_logits_logps(base, rows), **LOGPS_CLOSE)
         assert (moved - model_logps(reference, rows)).abs().min() > 1e-3
 
 
@@ -263,6 +265,7 @@ def test_a_local_model_loads_with_lora_adapters_on_a_frozen_base(local_llama):
     base = AutoModelForCausalLM.from_pretrained(local_llama)
     rows = padded(tokenizer)
     with torch.no_grad():
+        # B = 0: the base's matmuls plus exact zeros, so equal (1e-6 is under an ulp here)
         torch.testing.assert_close(model_logps(policy, rows), model_logps(base, rows), atol=1e-6, rtol=0)
     adapter = policy.peft_config["default"]
     assert adapter.base_model_name_or_path == str(local_llama.resolve()) and adapter.r == 8
@@ -292,7 +295,7 @@ def test_adapter_and_merged_checkpoints_reload_to_the_same_logps(local_llama, tm
     }
     for name, model in reloaded.items():
         with torch.no_grad():
-            torch.testing.assert_close(model_logps(model, rows), expected, atol=1e-5, rtol=0, msg=name)
+            torch.testing.assert_close(model_logps(model, rows), expected, **LOGPS_CLOSE, msg=name)  # merged
 
 
 @pytest.mark.parametrize("r", [0, 8])
@@ -315,6 +318,7 @@ def test_gradient_checkpointing_changes_no_value_and_no_gradient(local_llama, r:
         assert all(g.abs().sum() > 0 for g in grads)
         results.append((logps.detach(), grads))
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+    # checkpointing reruns the same layers on the same inputs in backward: the same numbers, to under an ulp
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
     for with_checkpoints, without in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(with_checkpoints, without, atol=1e-6, rtol=1e-5)
@@ -404,6 +408,6 @@ def test_the_tiny_model_with_lora_fits_its_reference_then_trains_adapters_only(t
     assert not fresh["reference_fit"]["cached"] and cached["reference_fit"]["cached"]
     assert fresh["reference_fit"]["kl"] <= 0.2
     assert fresh["reference_eval"]["eval/kl_policy_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert cached["final_eval"] == fresh["final_eval"]
+    assert cached["final_eval"] == fresh["final_eval"]  # exact: the cache holds the fit's very weights
     assert (tmp_path / "fresh" / "checkpoint" / "adapter_config.json").exists()
     assert (tmp_path / "fresh" / "checkpoint" / "merged" / "model.safetensors").exists()

@@ -1,5 +1,6 @@
-"""Tokenization follows TRL's conventions, token by token: BOS once, EOS unless cut, the chat template for
-conversational data, prompts cut from the left, every response token scored, even after an empty prompt."""
+"""Tokenization follows TRL's conventions, token by token: BOS once, EOS after plain text unless cut, the chat
+template for conversational data, prompts cut from the left, every response token scored, even after an
+empty prompt. Real chat templates (SmolLM2, Gemma 3, Llama 3) are in test_chat_templates.py."""
 
 from __future__ import annotations
 
@@ -107,14 +108,15 @@ def test_an_empty_prompt_still_leaves_every_response_token_scored(with_bos: bool
 
 
 def test_conversational_prompts_go_through_the_chat_template_without_a_second_bos():
-    """The template writes {{ bos_token }} itself; the response is its assistant turn, then EOS."""
+    """The template writes {{ bos_token }} itself; the response is its assistant turn as the template closes
+    it, with no EOS appended (TRL adds EOS to plain-text data only)."""
     tokenizer = bos_tokenizer(chat_template=True)
     table = SequenceTable(tokenizer, 64, 64)
     messages = [{"role": "user", "content": "tell me about cats"}]
     prompt, response = sequence(table, messages, "the cat sat")
     assert prompt == ids(tokenizer, "<bos> <user> tell me about cats </user> <assistant>")
     assert prompt.count(tokenizer.bos_token_id) == 1
-    assert response == [*ids(tokenizer, "the cat sat </assistant>"), tokenizer.eos_token_id]
+    assert response == ids(tokenizer, "the cat sat </assistant>")
     assert table.prompt_texts[0].startswith("<bos><user>")
 
 
@@ -127,7 +129,8 @@ def test_conversational_prompts_without_a_template_are_joined_as_role_lines():
 def test_sequence_logps_equal_a_hand_built_bos_prompt_response_eos_sequence(tmp_path):
     """A tiny Llama saved and reloaded with from_pretrained, with a tokenizer that adds BOS: prefopt's
     response log-prob equals the sum over a hand-built [BOS, prompt, response, EOS] sequence's response
-    positions, to 1e-6."""
+    positions, to float32 rounding: prefopt sums T float32 terms of ~3 (its head and log-softmax are not
+    the full forward's), ~T * 3 * 2^-24 apart, so 1e-5 relative."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     save_tiny_llama(tmp_path, bos_tokenizer())
@@ -141,4 +144,4 @@ def test_sequence_logps_equal_a_hand_built_bos_prompt_response_eos_sequence(tmp_
         response = [*ids(tokenizer, "yes the dog"), tokenizer.eos_token_id]
         logits = model(torch.tensor([prompt + response])).logits[0].double().log_softmax(-1)
         expected = sum(logits[len(prompt) - 1 + t, token] for t, token in enumerate(response))
-    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)

@@ -114,6 +114,8 @@ def test_hpo_with_its_extra_terms_off_takes_exactly_dpos_steps(tmp_path):
         "objective.margin_alpha=0",
         *steps,
     )
+    # exact: hpo adds no term whose coefficient is 0, and the idle value head gets no gradient (so the
+    # gradient norm is over the same tensors)
     for key in ["train/loss", "train/grad_norm", "train/rewards/margins"]:
         assert step_records(tmp_path / "hpo", key) == step_records(tmp_path / "dpo", key)
     assert hpo["final_eval"]["eval/loss"] == dpo["final_eval"]["eval/loss"]
@@ -157,7 +159,7 @@ def test_convergence_report_against_the_minimizer_of_the_runs_own_pairs(tmp_path
     assert len(convergence["minimizer"]) == 2 and len(convergence["minimizer"][0]) == 3
     assert sum(convergence["minimizer"][0]) == pytest.approx(1.0)
     assert convergence["tv_to_minimizer"] < 0.02
-    assert convergence["outside_mass"] == summary["final_eval"]["eval/outside_mass"]
+    assert convergence["outside_mass"] == summary["final_eval"]["eval/outside_mass"]  # a copy: exact
 
 
 def test_a_short_run_is_reported_as_not_converged(tmp_path):
@@ -194,6 +196,7 @@ def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, 
 
 
 def test_same_seed_same_run_on_cpu(tmp_path):
+    """Exact: the same computation, repeated in one process with the same thread count."""
     a = run_training(tmp_path / "a", "trainer.max_steps=6")
     b = run_training(tmp_path / "b", "trainer.max_steps=6")
     assert a["final_eval"] == b["final_eval"]
@@ -212,8 +215,12 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         "trainer.max_steps=3",
         "trainer.log_every_steps=1",
     )
-    for key in ["train/loss", "train/grad_norm", "train/rewards/accuracies"]:
+    # 4-pair forwards sum in another order than one 16-pair forward: rounding, carried over 3 steps
+    for key in ["train/loss", "train/grad_norm"]:
         assert split["final_train"][key] == pytest.approx(full["final_train"][key], rel=1e-4, abs=1e-6)
+    # a count of 16 pairs' margin signs: one pair within rounding of a tie may land either side (1/16)
+    accuracies = [run["final_train"]["train/rewards/accuracies"] for run in (split, full)]
+    assert accuracies[0] == pytest.approx(accuracies[1], abs=1 / 16 + 1e-9)
     assert split["final_eval"]["eval/loss"] == pytest.approx(full["final_eval"]["eval/loss"], rel=1e-4)
 
 
