@@ -40,15 +40,43 @@ class Samples:
     reference: list[list[str]]  # (P, S)
     policy_tokens: list[list[int]]  # (P, S) generated token counts
     reference_tokens: list[list[int]]
+    policy_finished: list[list[bool]] | None = None  # (P, S) ended at a stop token, not at max_new_tokens
+    reference_finished: list[list[bool]] | None = None
+
+
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")  # ChatML, Gemma, Llama 3, Phi 3
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Where a response ends: the tokenizer's EOS, the model's generation config's EOS (an int or a list,
+    e.g. Gemma's [<eos>, <end_of_turn>]), and an end-of-turn token the chat template writes (a GGUF's
+    config may name only <eos> while the template closes turns with <end_of_turn>)."""
+    stops = {tokenizer.eos_token_id}
+    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= set(generation if isinstance(generation, list | tuple) else [generation])
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        added = getattr(tokenizer, "get_added_vocab", dict)()
+        special = set(getattr(tokenizer, "all_special_tokens", [])) | set(added)
+        stops |= {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN if t in template and t in special}
+    return sorted(t for t in stops if isinstance(t, int))
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int) -> tuple[list, list]:
     """`cfg.num_samples` responses per prompt: batched `generate` with left padding and the KV cache.
-    Returns texts (P, S) (cut at EOS, special tokens dropped) and their token counts."""
+    Returns texts (P, S) (cut at a stop token, special tokens dropped) and their token counts."""
+    texts, counts, _ = sample_until_stop(model, tokenizer, prompt_ids, cfg, device, seed)
+    return texts, counts
+
+
+@torch.no_grad()
+def sample_until_stop(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int) -> tuple:
+    """`sample`, and per sample whether it ended at a stop token (`stop_token_ids`) rather than at
+    `cfg.max_new_tokens`: texts (P, S), token counts (P, S), finished (P, S)."""
     torch.manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    texts, counts = [], []
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
+    texts, counts, finished = [], [], []
     batches = range(0, len(prompt_ids), cfg.batch_size)
     for start in progress(batches, desc="generate", unit="batch"):
         chunk = prompt_ids[start : start + cfg.batch_size]
@@ -62,16 +90,18 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int
             max_new_tokens=cfg.max_new_tokens,
             num_return_sequences=cfg.num_samples,
             pad_token_id=pad,
-            eos_token_id=eos,
+            eos_token_id=stops,
             **(sampling if cfg.temperature > 0 else {"do_sample": False}),
         )[:, width:]
         for row in range(len(chunk)):
             group = out[row * cfg.num_samples : (row + 1) * cfg.num_samples].tolist()
-            ids = [seq[: seq.index(eos)] if eos in seq else seq for seq in group]
+            ends = [next((i for i, t in enumerate(seq) if t in stops), None) for seq in group]
+            ids = [seq if end is None else seq[:end] for seq, end in zip(group, ends)]
             ids = [[t for t in seq if t != pad] for seq in ids]
             texts.append([tokenizer.decode(seq, skip_special_tokens=True) for seq in ids])
             counts.append([len(seq) for seq in ids])
-    return texts, counts
+            finished.append([end is not None for end in ends])
+    return texts, counts, finished
 
 
 def reward_judge(scores_first: np.ndarray, scores_second: np.ndarray) -> list[float]:
@@ -101,12 +131,14 @@ def summarize(
             "aux_reward/toxicity" in by_reward
         ):  # reward = 1 - max_k p_k: above threshold <=> reward below 1 - t
             metrics[f"{model}/violations"] = float(np.mean(by_reward["aux_reward/toxicity"] < 1 - threshold))
-    for model, texts, tokens in (
-        ("policy", samples.policy, samples.policy_tokens),
-        ("reference", samples.reference, samples.reference_tokens),
+    for model, texts, tokens, finished in (
+        ("policy", samples.policy, samples.policy_tokens, samples.policy_finished),
+        ("reference", samples.reference, samples.reference_tokens, samples.reference_finished),
     ):
         flat = [t for row in texts for t in row]
         metrics[f"{model}/length_tokens"] = float(np.mean([n for row in tokens for n in row]))
+        if finished is not None:  # the share that ended at a stop token, not cut at max_new_tokens
+            metrics[f"{model}/finished"] = float(np.mean([f for row in finished for f in row]))
         grades = [readability_grade(t) for t in flat]
         metrics[f"{model}/readability_grade"] = (
             float(np.nanmean(grades)) if not all(map(math.isnan, grades)) else math.nan
@@ -154,12 +186,18 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
     for module in modes:
         module.eval()
     ids = [table.prompt_ids[p] for p in prompt_ids]
-    policy, policy_tokens = sample(run.policy, table.tokenizer, ids, cfg, device, seed)
-    reference, reference_tokens = sample(run.reference, table.tokenizer, ids, cfg, device, seed)
+    policy, policy_tokens, policy_finished = sample_until_stop(
+        run.policy, table.tokenizer, ids, cfg, device, seed
+    )
+    reference, reference_tokens, reference_finished = sample_until_stop(
+        run.reference, table.tokenizer, ids, cfg, device, seed
+    )
     for module, mode in zip(modes, training):
         module.train(mode)
     texts = [table.prompt_texts[p] for p in prompt_ids]
-    samples = Samples(texts, chosen, policy, reference, policy_tokens, reference_tokens)
+    samples = Samples(
+        texts, chosen, policy, reference, policy_tokens, reference_tokens, policy_finished, reference_finished
+    )
     repeat = lambda values: [v for v in values for _ in range(cfg.num_samples)]  # noqa: E731
     flat = {
         "policy": [t for row in policy for t in row],
