@@ -21,15 +21,18 @@ from prefopt.data.tokenization import (
     finish_prompt,
     finish_response,
     prompt_key,
+    render_conversation,
     render_prompt,
-    render_response,
+    response_after_prompt,
     response_room,
+    uses_template,
 )
 
 
 class SequenceTable:
     """Unique prompts, responses and their pairings, tokenized once with the conventions of
-    `prefopt.data.tokenization` (BOS once, EOS unless cut, prompts cut from the left)."""
+    `prefopt.data.tokenization` (BOS once; a chat template's turn as rendered, plain text with EOS, unless
+    cut; prompts cut from the left)."""
 
     def __init__(
         self, tokenizer, max_prompt_tokens: int, max_response_tokens: int, max_length: int | None = None
@@ -42,6 +45,7 @@ class SequenceTable:
         self.counts = TruncationCounts()
         self.prompt_texts: list[str] = []  # rendered (a chat template's text for conversational prompts)
         self.prompt_ids: list[list[int]] = []
+        self._prompt_bodies: list[list[int]] = []  # rendered prompts' ids before BOS and cuts
         self.prompt_raw: list[Prompt] = []
         self.response_texts: list[str] = []
         self.response_ids: list[list[int]] = []
@@ -50,7 +54,8 @@ class SequenceTable:
         self._prompts: dict[str, int] = {}
         self._responses: dict[tuple[int, ...], int] = {}
         self._sequences: dict[tuple[int, int], int] = {}
-        self._bodies: dict[str, list[int]] = {}  # rendered response text -> token ids, no special tokens
+        # response ids before EOS and cuts: by text, or by (prompt, text) for a chat template's turn
+        self._bodies: dict[str | tuple[int, str], list[int]] = {}
 
     def __len__(self) -> int:
         return len(self.sequence_prompt)
@@ -71,21 +76,20 @@ class SequenceTable:
             self.prompt_texts.append(text)
             self.prompt_raw.append(prompt)
             self.prompt_ids.append(ids)
+            self._prompt_bodies.append(body)
 
     def response(self, text: str, ids: list[int] | None = None, prompt: int | None = None) -> int | None:
         """Intern a response to prompt id `prompt` (its length bounds the room under `max_length`; its
         messages shape a chat template's rendering); `ids`, already final, skip tokenization. None when
         the prompt leaves no room for a response."""
         if ids is None:
-            raw = self.prompt_raw[prompt] if prompt is not None else ""
-            rendered = render_response(self.tokenizer, raw, text)
-            if rendered not in self._bodies:
-                self._bodies[rendered] = encode(self.tokenizer, [rendered])[0]
+            key = self._body_key(prompt, text)
+            self._add_bodies([key])
             used = len(self.prompt_ids[prompt]) if prompt is not None else 0
             room = response_room(self.limits, used)
             if room <= 0:
                 return None
-            ids, cut = finish_response(self.tokenizer, self._bodies[rendered], room)
+            ids, cut = finish_response(self.tokenizer, self._bodies[key], room, eos=isinstance(key, str))
             self.counts.responses_cut += cut
         key = tuple(ids)
         if key not in self._responses:
@@ -101,13 +105,9 @@ class SequenceTable:
         sequence ids); a pair whose prompt leaves no room for a response is dropped and counted."""
         self._add_prompts(list(prompts))
         prompt_ids = [self._prompts[prompt_key(p)] for p in prompts]
-        rendered = [
-            render_response(self.tokenizer, self.prompt_raw[i], y)
-            for i, pair in zip(prompt_ids, zip(chosen, rejected))
-            for y in pair
-        ]
-        fresh = list(dict.fromkeys(t for t in rendered if t not in self._bodies))
-        self._bodies.update(zip(fresh, encode(self.tokenizer, fresh)))
+        self._add_bodies(
+            [self._body_key(i, y) for i, pair in zip(prompt_ids, zip(chosen, rejected)) for y in pair]
+        )
         kept, kept_prompts, chosen_ids, rejected_ids = [], [], [], []
         for index, (prompt, y_w, y_l) in enumerate(zip(prompt_ids, chosen, rejected)):
             winner, loser = self.response(y_w, prompt=prompt), self.response(y_l, prompt=prompt)
@@ -120,6 +120,25 @@ class SequenceTable:
             chosen_ids.append(self.sequence(prompt, winner))
             rejected_ids.append(self.sequence(prompt, loser))
         return kept, kept_prompts, chosen_ids, rejected_ids
+
+    def _body_key(self, prompt: int | None, text: str) -> str | tuple[int, str]:
+        """A plain response is tokenized once for all prompts; a chat template's turn once per prompt."""
+        templated = prompt is not None and uses_template(self.tokenizer, self.prompt_raw[prompt])
+        return (prompt, text) if templated else text
+
+    def _add_bodies(self, keys: list[str | tuple[int, str]]) -> None:
+        """Tokenize the responses not seen yet in batched calls: a plain text as itself; a chat template's
+        turn as the rendered conversation, keeping the ids after the prompt's (TRL's difference)."""
+
+        def text(key: str | tuple[int, str]) -> str:
+            if isinstance(key, str):
+                return key
+            return render_conversation(self.tokenizer, self.prompt_raw[key[0]], key[1])
+
+        fresh = [key for key in dict.fromkeys(keys) if key not in self._bodies]
+        for key, ids in zip(fresh, encode(self.tokenizer, [text(key) for key in fresh])):
+            plain = isinstance(key, str)
+            self._bodies[key] = ids if plain else response_after_prompt(self._prompt_bodies[key[0]], ids)
 
     def sequence(self, prompt: int, response: int) -> int:
         key = (prompt, response)

@@ -1,13 +1,16 @@
-"""Tokenization in one place, with the conventions TRL's DPOTrainer uses.
+"""Tokenization in one place, with the conventions of TRL's DPOTrainer (1.x).
 
 A sequence is prompt tokens followed by response tokens; only the response tokens are scored.
 - Conversational data (a prompt given as chat messages) goes through the tokenizer's chat template when it
-  has one: the prompt is the template with the generation prompt, a response the template's rendering of
-  prompt + assistant turn minus the prompt's (the same text difference TRL takes). Without a template the
-  messages are joined as "role: content" lines.
+  has one: the prompt is the template's ids with the generation prompt; a response is the ids of the
+  template's rendering of prompt + assistant turn after the prompt's ids (TRL's token difference), so it
+  ends where the template closes the turn (ChatML's `<|im_end|>\n`, Gemma's `<end_of_turn>\n`, Llama 3's
+  `<|eot_id|>`) and no EOS is appended. Without a template the messages are joined as "role: content" lines
+  and treated as plain text.
+- Plain text: every response ends with EOS unless its text already does.
 - BOS is added exactly once, when the tokenizer adds one (a chat template that writes it is not doubled).
-- Every response ends with EOS unless its text already does; a response cut by `max_response_tokens` (or by
-  `max_length`) keeps no EOS: it is scored as unfinished.
+- A response cut by `max_response_tokens` (or by `max_length`) ends where it is cut: no EOS, it is scored as
+  unfinished.
 - The prompt always holds at least one token (BOS, else EOS as a start token), so every response token has
   a position that predicts it.
 - The prompt is cut from the left to `max_prompt_tokens` (BOS kept), then responses from the right to
@@ -80,17 +83,27 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
 
-def render_response(tokenizer, prompt: Prompt, response: str) -> str:
-    """A response as the text that follows the rendered prompt (the template's assistant turn)."""
-    if isinstance(prompt, str) or not getattr(tokenizer, "chat_template", None):
-        return response
-    head = render_prompt(tokenizer, prompt)
-    whole = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": response}], tokenize=False
-    )
-    if not whole.startswith(head):
-        raise ValueError("the chat template renders the prompt differently inside a conversation")
-    return whole[len(head) :]
+def uses_template(tokenizer, prompt: Prompt) -> bool:
+    """Whether a prompt goes through the tokenizer's chat template: chat messages and a template."""
+    return is_conversational(prompt) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_conversation(tokenizer, prompt: list[dict[str, Any]], response: str) -> str:
+    """The chat template's rendering of the prompt's messages and the assistant turn `response`, without a
+    generation prompt: the text whose ids, after the prompt's, are the response."""
+    turn = {"role": "assistant", "content": response}
+    return tokenizer.apply_chat_template([*prompt, turn], tokenize=False)
+
+
+def response_after_prompt(prompt_body: list[int], whole: list[int]) -> list[int]:
+    """A templated response: the conversation's ids after the prompt's (rendered with the generation
+    prompt), i.e. the assistant turn through the template's end of turn, as TRL takes it."""
+    if whole[: len(prompt_body)] != prompt_body:
+        raise ValueError(
+            "the chat template's prompt (with the generation prompt) does not tokenize as the start of the "
+            "conversation with the assistant turn"
+        )
+    return whole[len(prompt_body) :]
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -115,10 +128,10 @@ def finish_prompt(tokenizer, body: list[int], limits: TokenLimits, bos: bool) ->
     return (ids or [start_token(tokenizer)]), cut
 
 
-def finish_response(tokenizer, body: list[int], room: int) -> tuple[list[int], bool]:
-    """EOS appended unless present, then the right cut to `room` tokens (a cut drops EOS); (ids, was cut)."""
-    eos = tokenizer.eos_token_id
-    ids = body if body[-1:] == [eos] else [*body, eos]
+def finish_response(tokenizer, body: list[int], room: int, eos: bool = True) -> tuple[list[int], bool]:
+    """With `eos` (plain text) EOS appended unless present; a templated turn is kept as the template closes
+    it. Then the right cut to `room` tokens (a cut drops what follows, EOS included); (ids, was cut)."""
+    ids = [*body, tokenizer.eos_token_id] if eos and body[-1:] != [tokenizer.eos_token_id] else body
     return (ids[:room], True) if len(ids) > room else (ids, False)
 
 
