@@ -369,8 +369,11 @@ def test_cli_errors_are_one_line_and_the_traceback_goes_to_train_log(tmp_path):
     assert "trainer.reference_fit.max_steps" in result.stderr
     assert "Traceback" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    # it failed before its first training step: the dir is not "in use", a corrected command runs there
     again = prefopt_train(*TINY_CLI, f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
-    assert again.returncode == 2 and "metrics.jsonl" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "replacing an earlier attempt" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
 def _beta_of(job):

@@ -31,22 +31,36 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def _new_dir(parent: Path) -> Path:
+    """A fresh `<parent>/<date>_<time>` (with `-2`, `-3`, ... when one started in the same second)."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    for attempt in range(1, 1000):
+        path = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free name for {stamp}")
+
+
 def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, Path | None]:
-    """The resolved config of the evaluation, its run dir and the evaluated run dir (None: a checkpoint)."""
+    """The resolved config of the evaluation, the folder its run dir goes in and the evaluated run dir
+    (None: a checkpoint)."""
     from prefopt.models.pretrained import PretrainedModelConfig
 
     run_config = target / "config.yaml"
     if run_config.is_file():  # a run dir: its own model config, the checkpoint's weights loaded later
         raw = OmegaConf.to_container(OmegaConf.load(run_config))
         source, checkpoint = target, target / "checkpoint"
-        out = target / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out = target / "evaluate"
     else:  # a checkpoint: the default config, data from the overrides, the checkpoint its own reference
         from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = OmegaConf.to_container(compose("train"), resolve=False)
         source, checkpoint = None, target
-        out = Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out = Path("outputs") / "evaluate"
         raw["model"] = {"name": "pretrained", **asdict(PretrainedModelConfig(name_or_path=str(checkpoint)))}
     if not (checkpoint / "config.json").is_file() and not (checkpoint / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: no saved model (config.json or adapter_config.json)")
@@ -203,11 +217,12 @@ def main(argv: list[str]) -> int:
     register_resolvers()
     locks = []
     try:
-        raw, out, source = evaluation_config(Path(argv[0]), argv[1:])
+        raw, parent, source = evaluation_config(Path(argv[0]), argv[1:])
         rc = load_run_config(OmegaConf.create(raw))
-        for directory in (source, out):  # the evaluated run first: never read a run still being written
-            if directory is not None:
-                locks.append(RunDirLock(directory).acquire())
+        if source is not None:  # the evaluated run first: never read a run still being written
+            locks.append(RunDirLock(source).acquire())
+        out = _new_dir(parent)
+        locks.append(RunDirLock(out).acquire())
     except (ConfigError, FileNotFoundError, ValueError, RunDirLocked) as error:
         for lock in locks:
             lock.release()
