@@ -71,9 +71,12 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int
 
 
 @torch.no_grad()
-def sample_until_stop(model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int) -> tuple:
+def sample_until_stop(
+    model, tokenizer, prompt_ids: list[list[int]], cfg, device, seed: int, sampled_ids: list | None = None
+) -> tuple:
     """`sample`, and per sample whether it ended at a stop token (`stop_token_ids`) rather than at
-    `cfg.max_new_tokens`: texts (P, S), token counts (P, S), finished (P, S)."""
+    `cfg.max_new_tokens`: texts (P, S), token counts (P, S), finished (P, S). `sampled_ids`, when given,
+    gets each prompt's (S,) sampled token ids appended, the stop token included (for `sample_kl`)."""
     torch.manual_seed(seed)
     stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
     texts, counts, finished = [], [], []
@@ -96,6 +99,8 @@ def sample_until_stop(model, tokenizer, prompt_ids: list[list[int]], cfg, device
         for row in range(len(chunk)):
             group = out[row * cfg.num_samples : (row + 1) * cfg.num_samples].tolist()
             ends = [next((i for i, t in enumerate(seq) if t in stops), None) for seq in group]
+            if sampled_ids is not None:
+                sampled_ids.append([seq if end is None else seq[: end + 1] for seq, end in zip(group, ends)])
             ids = [seq if end is None else seq[:end] for seq, end in zip(group, ends)]
             ids = [[t for t in seq if t != pad] for seq in ids]
             texts.append([tokenizer.decode(seq, skip_special_tokens=True) for seq in ids])
@@ -171,6 +176,7 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
     """Sample, score and judge on the first `cfg.num_prompts` distinct held-out prompts.
     `judge`: an object with `compare(prompts, first, second) -> [{"p_first": ...}]` (None: the reward
     judge). Returns (metrics, samples, scores, judgements)."""
+    from prefopt.evaluation.sample_kl import sample_kl
     from prefopt.rewards import score_responses
 
     table, split = run.table, run.eval
@@ -185,10 +191,11 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
     training = [m.training for m in modes]
     for module in modes:
         module.eval()
-    ids = [table.prompt_ids[p] for p in prompt_ids]
+    ids, policy_ids = [table.prompt_ids[p] for p in prompt_ids], []
     policy, policy_tokens, policy_finished = sample_until_stop(
-        run.policy, table.tokenizer, ids, cfg, device, seed
+        run.policy, table.tokenizer, ids, cfg, device, seed, policy_ids
     )
+    kl = sample_kl(run.policy, run.reference, ids, policy_ids, table.tokenizer.pad_token_id, device)
     reference, reference_tokens, reference_finished = sample_until_stop(
         run.reference, table.tokenizer, ids, cfg, device, seed
     )
@@ -226,6 +233,7 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
             judgements[other] = reward_judge(scores["policy"][key], scores[other][key])
     scored = {m: by for m, by in scores.items() if m != "chosen"}
     metrics = summarize(samples, scored, judgements, cfg.toxicity_threshold)
+    metrics |= {f"eval/generate/{k}": v for k, v in kl.items()}  # KL(pi || pi_ref) on the policy's samples
     log.info(
         "generation eval on %d prompts x %d samples: %s",
         len(prompt_ids),

@@ -22,6 +22,7 @@ from prefopt.rewards.classifier import REWARD_MODEL, SENTIMENT, TOXICITY
 from prefopt.rewards.custom import CUSTOM, resolve_callable
 from prefopt.rewards.oracle import ORACLE
 from prefopt.rewards.text import KEYWORD, LENGTH, READABILITY
+from prefopt.rewards.vader import VADER
 
 AUX_REWARDS: dict[str, AuxReward] = {
     "length": LENGTH,
@@ -31,6 +32,7 @@ AUX_REWARDS: dict[str, AuxReward] = {
     "custom": CUSTOM,
     "toxicity": TOXICITY,
     "sentiment": SENTIMENT,
+    "vader": VADER,
     "reward_model": REWARD_MODEL,
 }
 
