@@ -54,6 +54,12 @@ train: install
 reproduce: install
 	$(BIN)/python -m prefopt.research.reproduce --out $(OUT) logger=$(LOGGER)
 
+# the real-LM experiment (the DPO paper's sentiment reward-KL frontier) on SmolLM2-135M, offline, 2 CPU cores,
+# ~40 minutes; its section joins $(OUT)/REPORT.md
+.PHONY: reproduce-real
+reproduce-real: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m prefopt.research.reproduce --out $(OUT) --only sentiment_frontier logger=$(LOGGER)
+
 # prefopt against TRL's DPOTrainer (benchmarks/dpo_throughput.py; ARGS="--steps 10 --repeats 1" for a quick
 # look), in its own venv with the `bench` extra so .venv keeps no trl; CPU here, the 1B shape on a GPU.
 BENCH_VENV ?= .venv-bench

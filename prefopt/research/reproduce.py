@@ -7,6 +7,11 @@ sweep dir gets `prefopt report`'s files, and `<out>/REPORT.md` gathers them with
 EXPO toy results: each run against the exact minimizer of its own training pairs (recorded by the run,
 `prefopt.research.population`), cells with unconverged runs marked, and the finite-sample spread of those
 minimizers beside the infinite-data one.
+
+`--only sentiment_frontier` (`make reproduce-real`) runs the real-LM experiment instead (SmolLM2-135M on
+CPU; `sentiment_frontier_gpu` at the paper's scale): its pairs are sampled once
+(`prefopt.research.sampled_pairs`) and passed to every run as `dataset.pairs_path`, and its section is the
+reward-KL frontier (`prefopt.research.frontier`).
 """
 
 from __future__ import annotations
@@ -36,13 +41,38 @@ EXPERIMENTS: dict[str, list[list[str]]] = {
         ["objective=hpo", "objective.gamma=0,0.25,0.5,1", "objective.actor_warmup_steps=50"],
     ],
 }
+# The reward-KL frontier: each objective at strengths from far (0.05) to near (5) the reference; EXPO's lam
+# is on its own scale. HPO's auxiliary reward is readability (the pairs' sentiment is its preference).
+FRONTIER_SWEEPS = [
+    ["objective=dpo,ipo", "strength=0.05,0.5,5"],
+    [
+        "objective=expo",
+        "objective.kl_estimator=token",
+        "objective.length_normalize=true",
+        "strength=0.03,0.3,3",
+    ],
+    [
+        "objective=hpo",
+        "aux_reward=[vader,readability]",
+        "aux_reward.vader.weight=0",
+        "objective.actor_warmup_steps=4",
+        "strength=0.05,0.5,5",
+    ],
+]
+REAL_EXPERIMENTS: dict[str, list[list[str]]] = {
+    "sentiment_frontier": FRONTIER_SWEEPS,
+    "sentiment_frontier_gpu": FRONTIER_SWEEPS,
+}
+SWEEPS = EXPERIMENTS | REAL_EXPERIMENTS
 
 
 def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
     """Run the experiment's sweeps through the real CLI and report them. The jobs log to their own
     train.log; the terminal gets one progress bar (or, off a terminal, one line per finished job)."""
     sweep_dir = out / name
-    for index, extra in enumerate(EXPERIMENTS[name]):
+    if name in REAL_EXPERIMENTS:  # the pairs once, for every run
+        overrides = [*overrides, f"dataset.pairs_path={_sampled_pairs(name, sweep_dir, overrides)}"]
+    for index, extra in enumerate(SWEEPS[name]):
         command = [
             sys.executable,
             "-m",
@@ -64,7 +94,28 @@ def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
             _follow(process, sweep_dir, f"{index}_", _job_count(name, [*extra, *overrides]), name)
         if process.returncode != 0:
             raise RuntimeError(f"{name}: the sweep failed (exit {process.returncode}); see {output}")
+    if name in REAL_EXPERIMENTS:
+        from prefopt.research.frontier import write_frontier_report
+
+        return write_frontier_report(sweep_dir)
     return write_report(sweep_dir)
+
+
+def _sampled_pairs(name: str, sweep_dir: Path, overrides: list[str]) -> Path:
+    """The experiment's pairs, sampled once from its starting model (no adapters), as a pairs dir."""
+    from hydra import compose, initialize_config_dir
+
+    from prefopt.config import load_run_config, register_resolvers
+    from prefopt.research.sampled_pairs import precompute_pairs
+
+    register_resolvers()
+    job = [o for o in overrides if not o.startswith(("hydra.", "logger"))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", [f"+experiment={name}", *job, "model.lora.r=0", "logger=none"])
+    started = time.perf_counter()
+    path = precompute_pairs(load_run_config(cfg), sweep_dir / "pairs")
+    log.info("%s: pairs in %s (%.0f s)", name, path, time.perf_counter() - started)
+    return path.resolve()
 
 
 def _job_count(name: str, overrides: list[str]) -> int:
@@ -107,14 +158,18 @@ def _embed(report: Path, name: str) -> str:
 
 def assemble_report(out: Path, names: list[str], wall_s: float | None = None) -> Path:
     """`<out>/REPORT.md`: each experiment's report (from `<out>/<name>/REPORT.md`), with the theory check
-    under the EXPO ones, and how to read the checks."""
+    under the EXPO ones, and how to read the checks. Experiments run earlier into `out` (the toy ones for
+    `make reproduce-real`, the frontier for `make reproduce`) keep their sections."""
+    earlier = [n for n in SWEEPS if n not in names and (out / n / "REPORT.md").is_file()]
+    names = [n for n in SWEEPS if n in names or n in earlier]
     sections = ["# prefopt: reproduced experiments", ""]
     for name in names:
         sections += [_embed(out / name / "REPORT.md", name), ""]
         if name.startswith("expo_"):
             title = f"### {name}: against the minimizers of each run's own training pairs"
             sections += [title, "", *theory_check(out / name), ""]
-    sections += ["## Reading the theory checks", "", EXPLANATION, ""]
+    if any(n.startswith("expo_") for n in names):
+        sections += ["## Reading the theory checks", "", EXPLANATION, ""]
     sections += [f"Total wall time: {wall_s:.0f} s."] if wall_s is not None else []
     path = out / "REPORT.md"
     atomic_write_text(path, "\n".join(sections).rstrip() + "\n")
@@ -126,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m prefopt.research.reproduce", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
-    parser.add_argument("--only", action="append", choices=list(EXPERIMENTS), help="repeat to pick several")
+    parser.add_argument(
+        "--only", action="append", choices=list(SWEEPS), help="repeat to pick several (default: the toy ones)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. logger=none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
