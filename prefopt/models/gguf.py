@@ -269,7 +269,7 @@ def convert(gguf: Path, dtype: str, gguf_sha256: str, entry: Path) -> None:
             atomic_write_json(staging / MANIFEST, sealed(record))
             bar.update()
         if tokenizer.chat_template is None:
-            log.warning("model: %s carries no chat template; chat-message prompts cannot be rendered", gguf)
+            log.warning("model: %s carries no chat template: chat prompts become 'role: content' lines", gguf)
         os.rename(staging, entry)
         fsync_dir(entry.parent)
     finally:
