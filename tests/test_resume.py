@@ -363,3 +363,44 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     (tmp_path / "summary.json").unlink()
     run_training(tmp_path, *overrides, "trainer.resume=auto")
     assert [(c["id"], c["resume"]) for c in calls] == [(None, None), ("run-7", "allow")]
+
+
+def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted_one_still_checkpoints(
+    tmp_path, monkeypatch
+):
+    """trainer.checkpoint_every_steps=null: a finished run writes its Hugging Face export, no training state
+    (nothing to resume: summary.json says completed, resume=auto skips it); one that failed in its final
+    evaluation left no checkpoint and starts over; a preempted one writes its step, and resumes exactly."""
+    import prefopt.evaluation.convergence
+    import prefopt.training.distributed
+    from prefopt.training.preemption import Preempted
+
+    off = ["trainer.max_steps=4", "trainer.checkpoint_every_steps=null", "trainer.log_every_steps=1"]
+    done = run_training(tmp_path / "done", *off)
+    assert not (tmp_path / "done" / "checkpoints").exists() and (tmp_path / "done" / "checkpoint").is_dir()
+    assert run_training(tmp_path / "done", *off, "trainer.resume=auto") == done
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("final evaluation failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prefopt.evaluation.convergence, "run_convergence", fail)
+        with pytest.raises(RuntimeError, match="final evaluation"):
+            run_training(tmp_path / "failed", *off)
+    assert not (tmp_path / "failed" / "checkpoints").exists()
+    again = run_training(tmp_path / "failed", *off, "trainer.resume=auto")
+    assert again["resumed_at"] == [] and losses(tmp_path / "failed") == losses(tmp_path / "done")
+
+    calls = []
+    with monkeypatch.context() as patch:  # a SIGTERM seen after step 2
+        patch.setattr(
+            prefopt.training.distributed,
+            "agreed_stop",
+            lambda requested, device: calls.append(1) or ("SIGTERM" if len(calls) == 2 else None),
+        )
+        with pytest.raises(Preempted):
+            run_training(tmp_path / "preempted", *off)
+    assert find_checkpoint("auto", tmp_path / "preempted") == checkpoint_dir(tmp_path / "preempted", 2)
+    resumed = run_training(tmp_path / "preempted", *off, "trainer.resume=auto")
+    assert resumed["resumed_at"] == [2] and losses(tmp_path / "preempted") == losses(tmp_path / "done")
+    assert [p.name for p in (tmp_path / "preempted" / "checkpoints").iterdir()] == ["step-000002"]

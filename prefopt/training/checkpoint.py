@@ -2,8 +2,8 @@
 
     <run dir>/checkpoints/step-000120/
         state/                 torch.distributed.checkpoint in safetensors: the trainable weights (only the
-                               adapter under LoRA), the value head, the optimizer's tensors, torch RNG
-                               states, the sampler's generator and queue
+                               adapter under LoRA, never a frozen weight, tied or not), the value head, the
+                               optimizer's tensors, torch RNG states, the sampler's generator and queue
         trainer_state.json     step, scheduler, optimizer hyperparameters, Python and NumPy RNG states, the
                                loop's running records, the resolved config, the W&B run id, file sizes
 
@@ -14,6 +14,13 @@ either the whole checkpoint or none; `trainer_state.json` records every file's s
 seen before loading, and each safetensors file's header is checked (a file zeroed by a crash keeps its
 size). A staging dir a dead process left behind is never read and is removed by the next save; a save
 that fails (a full disk) removes its own.
+
+Memory: the tensors are written from the live weights and optimizer state, with no copy of them. DCP's
+safetensors writer builds each file in memory (twice: safetensors' buffer, then Python bytes), so the state
+is spread over files of at most `FILE_BYTES` (a larger tensor gets a file of its own): a save needs about
+twice the largest file on top of training, not twice the whole state (a 44 M-parameter full fine-tune,
+500 MB of state: the save raised peak RSS by 880 MB and took 8.2 s; now it stays under the training's own
+peak and takes 3.1 s, on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
+FILE_BYTES = 64 * 2**20  # a safetensors file's size bound: what a save holds in memory at once (twice)
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +69,28 @@ def _split(optimizer_state: dict) -> tuple[dict, dict]:
     return tensors, values
 
 
+def _trainable_state(modules: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, set[str]]:
+    """(model state, flattened optimizer state, frozen keys): the weights the optimizer trains, none frozen.
+    `ignore_frozen_params` drops a frozen weight under its first name only (`named_parameters()` lists a tied
+    weight once), so a frozen tied embedding came back as `lm_head.weight`: every name of it is dropped."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
+    frozen = {name for name, p in modules.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optimizer_state, frozen
+
+
+def _files(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """key -> safetensors file (1, 2, ...): consecutive tensors up to FILE_BYTES a file."""
+    index, size, files = 1, 0, {}
+    for key, value in tensors.items():
+        nbytes = _local(value).numel() * value.element_size()
+        if size and size + nbytes > FILE_BYTES:
+            index, size = index + 1, 0
+        files[key], size = index, size + nbytes
+    return files
+
+
 def _dcp(save: bool, tensors: dict, path: Path) -> None:
     """Collective under torchrun: each rank writes (reads) its own shards, in files of its own."""
     import torch.distributed.checkpoint as dcp
@@ -69,7 +99,8 @@ def _dcp(save: bool, tensors: dict, path: Path) -> None:
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
         if save:
-            writer = HuggingFaceStorageWriter(str(path), save_distributed=world().distributed)
+            files = broadcast_object(_files(tensors))  # DCP takes rank 0's; the same on every rank
+            writer = HuggingFaceStorageWriter(str(path), files, save_distributed=world().distributed)
             dcp.save(tensors, storage_writer=writer)
         else:
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
@@ -95,14 +126,14 @@ def save_checkpoint(
 ) -> Path:
     """Write step `step` atomically; keep the newest `keep_last`. `record` is JSON: the loop's running
     state, the config, the W&B id. Refuses a model with a non-finite weight."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     from prefopt.training.seeding import rng_state
 
-    bad = [name for name, p in modules.named_parameters() if not torch.isfinite(_local(p)).all()]
+    bad = [
+        n for n, p in modules.named_parameters() if p.requires_grad and not torch.isfinite(_local(p)).all()
+    ]
     if not all_true(not bad, next(modules.parameters()).device):
         raise CheckpointError(f"not checkpointing step {step}: non-finite weights in {bad[:3]}")
-    model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
+    model_state, optimizer_state, _ = _trainable_state(modules, optimizer)
     optimizer_tensors, optimizer_values = _split(optimizer_state)
     torch_rng, python_rng = rng_state()
     tensors = {f"model.{k}": v for k, v in model_state.items()}
@@ -111,6 +142,7 @@ def save_checkpoint(
     sampler_state = sampler.state_dict()
     tensors |= {"sampler.generator": sampler_state["generator"], "sampler.queue": sampler_state["queue"]}
     aliases = _aliases(tensors)  # tied weights (embeddings and lm_head) are stored once
+    # contiguous() returns a contiguous tensor (weights, Adam's moments) itself: only a strided view is copied
     tensors = {k: v.detach().contiguous() for k, v in tensors.items() if k not in aliases}
 
     final = checkpoint_dir(run_dir, step)
@@ -250,18 +282,19 @@ def find_checkpoint(target: str, run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sampler, state=None) -> dict:
     """Restore weights, optimizer, scheduler, sampler and RNG states from `path`; returns its state
     (`state`: its trainer_state.json when the caller has read it already)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from prefopt.training.seeding import set_rng_state
 
     state = state or read_state(path)
-    model_state, optimizer_state = get_state_dict(modules, optimizer, options=_state_dict_options())
+    model_state, optimizer_state, frozen = _trainable_state(modules, optimizer)
     optimizer_tensors, _ = _split(optimizer_state)
     templates = {f"model.{k}": v for k, v in model_state.items()}
     templates |= {f"optimizer.{k}": v for k, v in optimizer_tensors.items()}
     expected = set(templates) - set(state["aliases"])
     saved = {k for k in state["tensor_keys"] if k.split(".")[0] != "rng"}
     saved -= {"sampler.generator", "sampler.queue"}
+    saved -= {f"model.{k}" for k in frozen}  # an older checkpoint's frozen tied weight: not read
     if expected != saved:
         missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
         raise CheckpointError(
@@ -270,7 +303,8 @@ def load_checkpoint(path: Path, modules: nn.ModuleDict, optimizer, scheduler, sa
     tensors = {k: torch.empty_like(v) for k, v in templates.items() if k in expected}
     try:
         _dcp(False, tensors, path / "state")
-        tensors |= _saved_tensors(path, {k for k in state["tensor_keys"] if k not in tensors})
+        small = {k for k in state["tensor_keys"] if k.split(".")[0] in ("rng", "sampler")}
+        tensors |= _saved_tensors(path, small)
     except Exception as error:  # a damaged file that kept its size
         raise CheckpointError(f"{path}: cannot read its tensors ({type(error).__name__}: {error})") from None
     tensors |= {alias: tensors[kept] for alias, kept in state["aliases"].items()}

@@ -245,8 +245,10 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
             run_eval(step)
         state.step = step
         stop = agreed_stop(guard.requested, device)  # read once; every rank stops at the same step
-        if stop or (every and step % every == 0) or step == max_steps:
-            saved_at = save(step)  # at the end too, so a failure in the final evaluation loses no step
+        # with checkpointing on, at the end too (a failure in the final evaluation loses no step); off, a
+        # finished run has nothing to resume and ends with the export alone; a preempted one always saves
+        if stop or (every and (step % every == 0 or step == max_steps)):
+            saved_at = save(step)
         if stop:
             raise Preempted(stop, step, saved_at)
     bar.close()
