@@ -86,7 +86,7 @@ class TrainerConfig:
     value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
     value_head_width: int = 128  # hidden width of that head
     save_checkpoint: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
-    checkpoint_every_steps: int | None = 100  # training-state checkpoints (and the last step); null: on preemption only
+    checkpoint_every_steps: int | None = 100  # checkpoint period (and last step); null: preemption only
     keep_last_checkpoints: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
     resume: str | None = None  # auto (newest intact checkpoint in the run dir) | a checkpoint or run dir path
     resume_allow_changes: list[str] = field(
