@@ -196,6 +196,9 @@ def experiment_sweeps() -> list[tuple[str, str, str]]:
         params = OmegaConf.load(path).get("hydra", {}).get("sweeper", {}).get("params", {}) or {}
         for key, values in params.items():
             override = parser.parse_override(f"{key}={values}")
+            if not override.is_sweep_override():  # one value (e.g. seed: 0), set on every job
+                cases.append((path.stem, key, str(values)))
+                continue
             cases += [(path.stem, key, v) for v in override.sweep_string_iterator()]
     return cases
 
