@@ -71,7 +71,10 @@ def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
     train.log; the terminal gets one progress bar (or, off a terminal, one line per finished job)."""
     sweep_dir = out / name
     if name in REAL_EXPERIMENTS:  # the pairs once, for every run
-        overrides = [*overrides, f"dataset.pairs_path={_sampled_pairs(name, sweep_dir, overrides)}"]
+        pairs = _sampled_pairs(name, sweep_dir, overrides)
+        # the row limits chose the prompts; the runs read every pair sampled from them
+        limits = ["dataset.max_train_examples=null", "dataset.max_eval_examples=null"]
+        overrides = [*overrides, f"dataset.pairs_path={pairs}", *limits]
     for index, extra in enumerate(SWEEPS[name]):
         command = [
             sys.executable,
