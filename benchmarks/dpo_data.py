@@ -4,13 +4,20 @@ one tokenizer, one saved random Llama, one batch order. Imports neither trl nor 
 Token ids are drawn first and written as text through a word-level tokenizer (word "t<i>" is token i, no
 BOS), so a text's length in words is its length in tokens and both tools tokenize it to the same ids.
 A completion's length counts its EOS: prefopt appends EOS to a response, TRL to the completion text.
+
+A real model (`--model`) trains on chat pairs instead: one user message and two assistant turns of common
+words (each one token after a space in the model's tokenizer), seeded, their lengths in words drawn as the
+random Llama's are in tokens; their ids are taken as TRL's DPOTrainer takes conversational rows (prefopt's
+chat tokenization is the same): the prompt through the template's generation prompt, a completion the
+conversation's ids after the prompt's, through the template's end of turn.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 LENGTHS = ("fixed", "variable")
@@ -94,13 +101,87 @@ def make_pairs(shape: Shape, lengths: str, count: int, seed: int = 0) -> list[Pa
     return pairs
 
 
+# Common English words; a chat pair's text is drawn from those that are one token after a space.
+WORDS = """
+the of and to in is that it for on with as was at by from this have not are but or be one all would there
+their what so up out if about who get which go when make can like time no just him know take people into
+year your good some could them see other than then now look only come its over think also back after use two
+how our work first well way even new want because any these give day most us river house light water stone
+green small old garden road city night morning winter summer book letter music song paper table window door
+tree field hill mountain sea ship train bridge market street school friend family child teacher doctor story
+question answer idea plan reason problem simple quiet bright warm cold early late fast slow happy
+careful clear strong soft long short open close read write walk carry build cook paint learn help bring keep
+""".split()  # noqa: SIM905 (a paragraph of words reads better than a list of strings)
+
+
+@dataclass(frozen=True)
+class ChatPair:
+    """A conversational row (TRL's format, and prefopt's `dataset=preference` messages) and its token ids as
+    both tools take them; `tokens` as `Pair.tokens`."""
+
+    chat: dict  # {"prompt": [user message], "chosen": [assistant message], "rejected": [assistant message]}
+    prompt: list[int]  # through the chat template's generation prompt
+    chosen: list[int]  # the conversation's ids after the prompt's: the turn through its end of turn
+    rejected: list[int]
+
+    tokens = Pair.tokens
+
+
+def chat_words(tokenizer) -> list[str]:
+    """The words of `WORDS` that `tokenizer` encodes as one token after a space (a word is then a token)."""
+    ids = tokenizer([" " + w for w in WORDS], add_special_tokens=False)["input_ids"]
+    return sorted({w for w, i in zip(WORDS, ids) if len(i) == 1})
+
+
+def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    """TRL's tokenization of conversational input: the chat template, tokenized by it."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+    )["input_ids"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def make_chat_pairs(shape: Shape, lengths: str, count: int, tokenizer, seed: int = 0) -> list[ChatPair]:
+    """`count` chat pairs: a question of p words, answers of c and r words (p, c, r drawn as `make_pairs`
+    draws token counts; the final punctuation counts as one), tokenized as TRL does."""
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
+    draw = random.Random(f"chat/{shape.name}/{lengths}/{seed}")
+    vocab = chat_words(tokenizer)
+
+    def sentence(n: int, end: str) -> str:
+        words = [draw.choice(vocab) for _ in range(max(n - 1, 1))]
+        return " ".join([words[0].capitalize(), *words[1:]]) + end
+
+    pairs = []
+    while len(pairs) < count:
+        p = draw.randint(*shape.prompt_range(lengths))
+        c, r = (draw.randint(*shape.completion_range(lengths)) for _ in range(2))
+        prompt = [{"role": "user", "content": sentence(p, "?")}]
+        chosen, rejected = ([{"role": "assistant", "content": sentence(n, ".")}] for n in (c, r))
+        if chosen == rejected:
+            continue
+        prompt_ids = chat_ids(tokenizer, prompt, generation_prompt=True)
+        whole = [chat_ids(tokenizer, prompt + y) for y in (chosen, rejected)]
+        cut = min(common_prefix(prompt_ids, w) for w in whole)  # TRL: where prompt and conversation diverge
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        pairs.append(ChatPair(row, prompt_ids[:cut], whole[0][cut:], whole[1][cut:]))
+    return pairs
+
+
 def text(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def row(pair: Pair) -> dict:
+def row(pair: Pair | ChatPair) -> dict:
     """A {prompt, chosen, rejected} text row; completions without their EOS (each tool appends it) and with a
-    leading space (TRL tokenizes prompt + completion as one text: the space keeps the words apart)."""
+    leading space (TRL tokenizes prompt + completion as one text: the space keeps the words apart). A chat
+    pair's row is its messages."""
+    if isinstance(pair, ChatPair):
+        return pair.chat
     completion = lambda ids: " " + text(ids[:-1])  # noqa: E731
     return {
         "prompt": text(pair.prompt),
@@ -155,6 +236,35 @@ def save_random_llama(shape: Shape, directory: Path, seed: int = 0) -> int:
     model.save_pretrained(directory)
     word_tokenizer(shape).save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())
+
+
+def model_shape(base: Shape, model_dir: Path, name: str) -> Shape:
+    """`base`'s dtype, batch and lengths with the architecture of the checkpoint in `model_dir`."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    return replace(
+        base,
+        name=name,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+    )
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters in a checkpoint's safetensors files (a tied embedding is stored, and counted, once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def write_dataset(directory: Path, train: list[Pair], held_out: list[Pair]) -> None:

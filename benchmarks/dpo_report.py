@@ -4,9 +4,13 @@ equal-results check of the losses."""
 from __future__ import annotations
 
 LOSS_ATOL = 5e-5  # fp32 on CPU, 20 steps: the two tools measured 7e-6 apart at most (2026-12)
+LOSS_ATOL_MODEL = 1e-4  # fp32, a real model (--model): 30 layers of rounding, not 4
 LOSS_ATOL_BF16 = 5e-2  # bf16 on a GPU: a looser bound, not a claim of equal results
 PREFOPT, DEFAULT, PRECOMPUTE = "auto", "default", "precompute"
-MEMORY = {"cuda": "torch.cuda.max_memory_allocated over the whole run.", "cpu": "the run's ru_maxrss."}
+MEMORY = {
+    "cuda": "torch.cuda.max_memory_allocated over the whole run (in brackets: to the last optimizer step).",
+    "cpu": "the run's ru_maxrss at its end, the save included (in brackets: at the last optimizer step).",
+}
 
 
 def _find(summary: dict, tool: str, variant: str, lengths: str) -> dict | None:
@@ -22,8 +26,10 @@ def _ratio(a: dict | None, b: dict | None, key: str) -> str:
 
 def table(summary: dict, device: str) -> list[str]:
     cpu = device != "cuda"
-    memory = "peak RSS (MiB)" if cpu else "peak CUDA memory allocated (GiB)"
-    head = ["lengths", "run", "real tokens/s", "vs TRL default", "vs TRL precompute", "vs own fixed"]
+    memory = "peak RSS, MiB" if cpu else "peak CUDA memory allocated, GiB"
+    memory += " (to the last step)"
+    head = ["lengths", "run", "s per step", "real tokens/s", "vs TRL default", "vs TRL precompute"]
+    head += ["vs own fixed"]
     head += ["real tokens per CPU s (vs TRL default, precompute)"] if cpu else []
     head += ["padding share", "positions per real token", "MFU", memory, "end to end (s)", "vs TRL default"]
     head += ["end to end, CPU s (vs TRL default)"] if cpu else []
@@ -34,16 +40,17 @@ def table(summary: dict, device: str) -> list[str]:
         fixed = _find(summary, config.tool, config.variant, "fixed") if config.lengths == "variable" else None
         layout = " (shared prompts)" if r.get("shared_prompts") else " (packed rows)" if r["packed"] else ""
         name = config.name + (layout if config.tool == "prefopt" else "")
-        cells = [config.lengths, name, f"{r['tokens_per_s']:,.0f}", _ratio(r, default, "tokens_per_s")]
+        cells = [config.lengths, name, f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}"]
+        cells += [_ratio(r, default, "tokens_per_s")]
         cells += [_ratio(r, precompute, "tokens_per_s"), _ratio(r, fixed, "tokens_per_s")]
         if cpu:
             ratios = [_ratio(r, t, "tokens_per_cpu_s") for t in (default, precompute)]
             cells += [f"{r['tokens_per_cpu_s']:,.0f} ({', '.join(ratios)})"]
         cells += [f"{r['padding_share']:.1%}", f"{r['positions_per_token']:.2f}"]
         cells += [f"{r['mfu']:.1%}" if "mfu" in r else "-"]
-        cells += [
-            f"{r['peak_memory_bytes'] / 2**20:,.0f}" if cpu else f"{r['peak_memory_bytes'] / 2**30:.2f}"
-        ]
+        unit, digits = (2**20, 0) if cpu else (2**30, 2)
+        peaks = [f"{r[k] / unit:,.{digits}f}" for k in ("peak_memory_bytes", "peak_memory_train_bytes")]
+        cells += [f"{peaks[0]} ({peaks[1]})"]
         cells += [f"{r['end_to_end_s']:.1f}", _ratio(r, default, "end_to_end_s")]
         if cpu:
             cells += [f"{r['end_to_end_cpu_s']:.1f} ({_ratio(r, default, 'end_to_end_cpu_s')})"]
@@ -105,6 +112,19 @@ def losses_agree(summary: dict, atol: float) -> bool:
     return loss_check(summary, atol)[1]
 
 
+MODEL = """
+torch {torch}, transformers {transformers}, trl {trl}, prefopt {prefopt}, Python {python}. Model `{model}`
+({model_dir}): {params_m:.1f} M parameters, vocab {shape.vocab_size}, d {shape.hidden_size},
+{shape.num_layers} layers, {shape.dtype}, its tokenizer and chat template. Chat pairs: one user message,
+two assistant turns, of common words (one token each after a space), seeded; {shape.pairs_per_step} pairs
+per step; fixed = {shape.prompt_tokens}-word questions and {shape.completion_tokens}-word answers, variable
+= {shape.prompt_min}-{prompt_max} and {shape.completion_min}-{completion_max} words (uniform). Tokens as
+both tools take them (the template's included): {token_ranges}. {steps} steps per run (one epoch),
+steady state after {warmup_steps} warm-up steps, median of {repeats} interleaved repeats; load average
+{load[0]:.1f} at the start, {load[1]:.1f} at the end (other processes shared the machine). DPO beta {beta},
+AdamW at a constant lr {lr:g}, clip 1.0, both tools.
+"""
+
 SETTINGS = """
 torch {torch}, transformers {transformers}, trl {trl}, prefopt {prefopt}, Python {python}. Random Llama,
 shape `{shape.name}`: {params_m:.1f} M parameters, vocab {shape.vocab_size}, d {shape.hidden_size},
@@ -117,20 +137,22 @@ processes shared the machine). DPO beta {beta}, AdamW at a constant lr {lr:g}, c
 """
 
 DEFINITIONS = """
-Real tokens: prompt + chosen and prompt + rejected per pair, EOS included, counted from the data for both
-tools alike. Tokens/s: the median over steady steps of a step's real tokens / the wall time from the
-previous optimizer step's end to its own (data, forward, backward, clip, optimizer, logging); per CPU s: the
-same over the process's CPU time, which other processes on a shared machine do not inflate (one compute
-thread per run). Padding share: padding positions / all positions of the policy's training forwards (counted
-at the decoder's input); positions per real token: those positions / the real tokens, under 1 where a pair's
-prompt is computed once for its chosen and rejected (prefopt's shared prompts; the same log-probs). End to
-end (wall, and CPU time on CPU): from a fresh process's first line to the
-end of training: imports, model loading, tokenizing, the reference pass (TRL precompute: in its trainer's
-init; TRL default: a live reference forward every step), training; prefopt also runs its final evaluation
-(one held-out pair) and writes its final training-state checkpoint. Peak memory: {memory} {mfu} TRL runs
-with DPOTrainer's defaults (gradient checkpointing on; bf16 turned off on CPU so both tools run fp32 there),
-`train_sampling_strategy=sequential` over rows in prefopt's batch order; prefopt as `prefopt train
-model=pretrained dataset=preference` (packing: its default `auto` unless the row says).
+Real tokens: prompt + chosen and prompt + rejected per pair, EOS (a chat turn: the template's end of turn)
+included, counted from the data for both tools alike. Tokens/s: the median over steady steps of a step's
+real tokens / the wall time from the previous optimizer step's end to its own (data, forward, backward,
+clip, optimizer, logging); per CPU s: the same over the process's CPU time, which other processes on a
+shared machine do not inflate (one compute thread per run). Padding share: padding positions / all positions
+of the policy's training forwards (counted at the decoder's input); positions per real token: those
+positions / the real tokens, under 1 where a pair's prompt is computed once for its chosen and rejected
+(prefopt's shared prompts; the same log-probs). S per step: the median wall time of a steady step. End to
+end (wall, and CPU time on CPU): from a fresh process's first line to the end of the run: imports, model
+loading, tokenizing, the reference pass (TRL precompute: in its trainer's init; TRL default: a live
+reference forward every step), training, and the save of the final policy as a Hugging Face checkpoint
+(prefopt's `checkpoint/`, TRL's `save_model`); prefopt also runs its final evaluation (one held-out pair).
+Peak memory: {memory} {mfu} TRL runs with DPOTrainer's defaults (gradient checkpointing on; bf16 turned off
+on CPU so both tools run fp32 there), `train_sampling_strategy=sequential` over rows in prefopt's batch
+order; prefopt as `prefopt train model=pretrained dataset=preference` (packing: its default `auto` unless
+the row says).
 """
 
 MFU = """
@@ -145,14 +167,24 @@ def _prose(template: str, **fields) -> str:
     return " ".join(template.format(**fields).split())
 
 
+def _token_ranges(env: dict) -> str:
+    ranges = []
+    for lengths, d in env["lengths"].items():
+        (p0, p1), (c0, c1) = d["prompt_tokens"], d["completion_tokens"]
+        ranges.append(f"{lengths}: prompts {p0}-{p1}, completions {c0}-{c1}")
+    return "; ".join(ranges)
+
+
 def render(env: dict, summary: dict, atol: float, device: str) -> str:
     check, _ = loss_check(summary, atol)
+    model = f"{env['model']}, " if env.get("model") else ""
     return "\n".join(
         [
-            f"# DPO throughput: prefopt vs TRL DPOTrainer, {env['date']}, {env['device']}",
+            f"# DPO throughput: prefopt vs TRL DPOTrainer, {model}{env['date']}, {env['device']}",
             "",
             _prose(
-                SETTINGS,
+                MODEL if env.get("model") else SETTINGS,
+                token_ranges=_token_ranges(env),
                 **env,
                 params_m=env["params"] / 1e6,
                 prompt_max=2 * env["shape"].prompt_tokens,

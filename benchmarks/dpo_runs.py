@@ -3,9 +3,11 @@ nothing shared with the other runs): `python benchmarks/dpo_runs.py <spec.json>`
 
 prefopt runs through its real entry (`prefopt.training.train.train` on the composed config: the loading,
 tokenizing, reference pass, loop and final evaluation of `prefopt train`), TRL through `DPOTrainer.train()`.
-Both read the same saved random Llama and the same pairs in the same order. Recorded: when each optimizer
-step ended (wall and CPU time), each step's loss, the decoder positions (real and padding) of the policy's
-training forwards, the peak memory and the time from this process's first line to the end of training.
+Both read the same model (the saved random Llama, or a real checkpoint) and the same pairs in the same
+order, and both save the final policy as a Hugging Face checkpoint. Recorded: when each optimizer step ended
+(wall and CPU time), each step's loss, the decoder positions (real and padding) of the policy's training
+forwards, the peak memory to the last step and to the end, and the time from this process's first line to
+the end of the run (the save included).
 """
 
 import functools
@@ -31,8 +33,18 @@ def clock_steps(record: dict, cuda: bool) -> None:
             torch.cuda.synchronize()
         record["step_ends"].append(time.perf_counter() - STARTED)
         record["step_cpu_ends"].append(time.process_time() - CPU_STARTED)
+        record["peak_memory_train_bytes"] = peak_memory(cuda)
 
     register_optimizer_step_post_hook(step_ended)
+
+
+def peak_memory(cuda: bool) -> int:
+    """The process's peak so far: CUDA memory allocated, or on CPU its peak RSS."""
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def count_decoder_positions(record: dict) -> None:
@@ -73,8 +85,8 @@ def run_prefopt(spec: dict, record: dict) -> None:
         f"model.dtype={shape['dtype']}",
         "dataset=preference",
         f"dataset.path={spec['data']}",
-        f"dataset.max_prompt_tokens={2 * shape['prompt_tokens']}",
-        f"dataset.max_response_tokens={2 * shape['completion_tokens']}",
+        f"dataset.max_prompt_tokens={spec['max_prompt_tokens']}",
+        f"dataset.max_response_tokens={spec['max_response_tokens']}",
         "objective=dpo",
         f"objective.beta={spec['beta']}",
         f"seed={spec['seed']}",
@@ -90,7 +102,7 @@ def run_prefopt(spec: dict, record: dict) -> None:
         "trainer.num_threads=1",
         "trainer.log_every_steps=1",
         "trainer.checkpoint_every_steps=null",
-        "trainer.save_checkpoint=false",
+        "trainer.save_checkpoint=true",  # the final policy in <run dir>/checkpoint, as TRL's save_model
         "trainer.reference_cache=false",  # the reference pass runs in every run, as TRL's does
         "eval.at_start=false",
         f"eval.eval_every_steps={steps + 1}",
@@ -145,6 +157,7 @@ def run_trl(spec: dict, record: dict) -> None:
         train_dataset=Dataset.from_list(rows),
     )
     trainer.train()
+    trainer.save_model()  # the final policy (and tokenizer) in output_dir, as prefopt's checkpoint/
     record["losses"] = [float(loss) for loss in losses]
 
 
@@ -170,10 +183,7 @@ def main() -> None:
     {"prefopt": run_prefopt, "trl": run_trl}[spec["tool"]](spec, record)
     record["end_to_end_s"] = time.perf_counter() - STARTED
     record["end_to_end_cpu_s"] = time.process_time() - CPU_STARTED
-    if spec["device"] == "cuda":
-        record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        record["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    record["peak_memory_bytes"] = peak_memory(spec["device"] == "cuda")
     record["threads"] = torch.get_num_threads()
     record["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     Path(spec["out"]).write_text(json.dumps(record))
