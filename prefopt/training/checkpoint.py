@@ -95,15 +95,21 @@ def _dcp(save: bool, tensors: dict, path: Path) -> None:
     """Collective under torchrun: each rank writes (reads) its own shards, in files of its own."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.api import CheckpointException
 
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process.*")
-        if save:
-            files = broadcast_object(_files(tensors))  # DCP takes rank 0's; the same on every rank
-            writer = HuggingFaceStorageWriter(str(path), files, save_distributed=world().distributed)
-            dcp.save(tensors, storage_writer=writer)
-        else:
-            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+        try:
+            if save:
+                files = broadcast_object(_files(tensors))  # DCP takes rank 0's; the same on every rank
+                writer = HuggingFaceStorageWriter(str(path), files, save_distributed=world().distributed)
+                dcp.save(tensors, storage_writer=writer)
+            else:
+                dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+        except CheckpointException as error:  # a BaseException: `except Exception` would miss a full disk
+            rank, (cause, _) = next(iter(error.failures.items()))
+            verb = "write" if save else "read"
+            raise CheckpointError(f"{path}: could not {verb} it (rank {rank}): {cause}") from cause
 
 
 def _fsync(path: Path) -> None:
