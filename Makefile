@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= outputs/reproduce
 LOGGER ?= none
-# the tested versions of every dependency (Python 3.11); `make install CONSTRAINTS=` installs without them
-CONSTRAINTS ?= constraints.txt
+# the tested versions of every dependency, resolved on Python 3.11 (on another Python, or with
+# `make install CONSTRAINTS=`, pyproject.toml's ranges alone)
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+CONSTRAINTS ?= $(if $(filter 3.11,$(PYTHON_VERSION)),constraints.txt)
 # the CPU build; an unpinned torch would pull a CUDA build
 TORCH := torch==2.13.0
 # real instruct models from the package registry, as GGUF files (model=smollm2, model=gemma3 offline);
