@@ -118,3 +118,31 @@ def test_saved_model_is_the_cpu_shape(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert tokenizer("t5 t7")["input_ids"] == [5, 7]
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) == (8190, 8191, None)
+
+
+def test_chat_pairs_are_the_ids_prefopt_and_trl_give_the_real_smollm2_conversations(tmp_path):
+    """`--model smollm2`'s chat pairs: messages rows that prefopt's preference loader and token table turn
+    into exactly the ids TRL's recipe gives (the generation prompt; the completion through the template's
+    end of turn, no EOS after it), so both tools train on the same tokens."""
+    from test_chat_templates import smollm2
+
+    from prefopt.data.batching import SequenceTable
+    from prefopt.data.preference import PreferenceFileConfig, load_preference
+
+    tokenizer = smollm2()
+    train = dpo_data.make_chat_pairs(SHAPE, "variable", 12, tokenizer, seed=0)
+    assert train == dpo_data.make_chat_pairs(SHAPE, "variable", 12, tokenizer, seed=0)  # seeded
+    dpo_data.write_dataset(tmp_path, train, dpo_data.make_chat_pairs(SHAPE, "variable", 1, tokenizer, seed=1))
+    text = load_preference(PreferenceFileConfig(path=str(tmp_path)), seed=0)
+    table = SequenceTable(tokenizer, 4 * SHAPE.prompt_tokens, 4 * SHAPE.completion_tokens)
+    kept, _, chosen, rejected = table.add_pairs(text.train.prompts, text.train.chosen, text.train.rejected)
+    assert kept == list(range(len(train)))
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for pair, c, r in zip(train, chosen, rejected):
+        got = [
+            (table.prompt_ids[table.sequence_prompt[s]], table.response_ids[table.sequence_response[s]])
+            for s in (c, r)
+        ]
+        assert got == [(pair.prompt, pair.chosen), (pair.prompt, pair.rejected)]
+        for completion in (pair.chosen, pair.rejected):
+            assert completion.count(end_of_turn) == 1 and completion[-2] == end_of_turn  # then "\n"
