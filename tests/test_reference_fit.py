@@ -12,7 +12,7 @@ from prefopt.data import DATASETS
 from prefopt.data.batching import SequenceTable
 from prefopt.logps import model_logps
 from prefopt.models import MODELS
-from prefopt.training.prepare import _candidates, _vocabulary
+from prefopt.training.prepare import _candidates, data_vocabulary
 from prefopt.training.reference_fit import (
     cache_dir,
     candidate_fit,
@@ -44,7 +44,7 @@ def build(*overrides: str):
     rc = load_run_config(compose_config("logger=none", *overrides))
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
     torch.manual_seed(rc.seed)
-    policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
+    policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens)
     target = torch.as_tensor(text.task.pi_ref, dtype=torch.float32)
     return rc, policy, table, _candidates(table, text.task), target

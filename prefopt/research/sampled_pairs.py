@@ -43,7 +43,7 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
     from prefopt.data import DATASETS
     from prefopt.models import MODELS
     from prefopt.rewards import build_aux_reward
-    from prefopt.training.prepare import _sampled_pairs, _vocabulary
+    from prefopt.training.prepare import data_vocabulary, pairs_from_model_samples
     from prefopt.training.reference_fit import weights_sha256
 
     torch.set_num_threads(threads)
@@ -53,7 +53,7 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
         raise ValueError(f"dataset={rc.dataset_name}: no sampled-pairs request (pairs_path already given?)")
     aux_reward = build_aux_reward(rc.aux_reward, text.task)
     torch.manual_seed(rc.seed)
-    model, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
+    model, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     key = json_sha256(
         {
             "weights": weights_sha256(model),
@@ -68,7 +68,7 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
     entry = cache_dir() / f"{key}.json"
     record = _read(entry)
     if record is None:
-        pairs = _sampled_pairs(text, model, tokenizer, aux_reward, torch.device("cpu"))
+        pairs = pairs_from_model_samples(text, model, tokenizer, aux_reward, torch.device("cpu"))
         record = {name: _rows(getattr(pairs, name)) for name in ("train", "eval")}
         record["report"] = pairs.report
         _write(entry, record)

@@ -73,10 +73,10 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     if kl_estimator == "exact" and text.task is None:
         raise ValueError("objective.kl_estimator=exact needs an enumerable response set (dataset=synthetic)")
     torch.manual_seed(rc.seed)
-    policy, tokenizer = MODELS[rc.model_name].build(rc.model, _vocabulary(text))
+    policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     policy.to(device)
     if text.pairs_from_samples is not None:  # the data's pairs come from the starting model's samples
-        text = _sampled_pairs(text, policy, tokenizer, aux_reward, device)
+        text = pairs_from_model_samples(text, policy, tokenizer, aux_reward, device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
     train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
@@ -178,7 +178,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     )
 
 
-def _sampled_pairs(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
+def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
     """Pairs from `samples_per_prompt` completions of each prompt by the starting model (the reference),
     ranked by the request's aux reward (the DPO paper's IMDb pairs)."""
     from dataclasses import replace
@@ -228,7 +228,7 @@ def _wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
     return bool(enabled) and task is not None and cfg.max_steps > 0
 
 
-def _vocabulary(text: TextData) -> list[str]:
+def data_vocabulary(text: TextData) -> list[str]:
     """Every word of the data (for the embedded word tokenizer), chat messages' roles and contents too."""
     if text.task is not None:
         return text.task.vocabulary()
