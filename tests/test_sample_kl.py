@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_training
+from test_logps import perturbed
 
 from prefopt.evaluation.sample_kl import kl_from_logps, sample_kl
 
@@ -40,15 +41,6 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def perturbed(model, scale: float = 0.2, seed: int = 1):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return other
-
-
 @torch.no_grad()
 def naive_logp(model, prompt: list[int], response: list[int]) -> float:
     """sum_t log pi(y_t | x, y_<t), one unpadded sequence, one token at a time from the full logits."""
@@ -66,7 +58,7 @@ def test_policy_equal_to_reference_gives_exactly_zero_with_zero_se():
 
 def test_perturbed_policy_gives_the_mean_of_naive_per_sample_log_ratios():
     reference = tiny_llama()
-    policy = perturbed(reference)
+    policy = perturbed(reference, scale=0.2)
     d = [
         naive_logp(policy, p, y) - naive_logp(reference, p, y)
         for p, group in zip(PROMPTS, SAMPLES)
