@@ -49,6 +49,7 @@ from torch import Tensor
 from prefopt.data.batching import SequenceTable
 from prefopt.models.shared_prompt_attention import IMPLEMENTATION as SHARED_PROMPT_SDPA
 from prefopt.training.reference_fit import cache_dir as fit_cache_dir
+from prefopt.training.reference_fit import hash_weights
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # bump when the stored layout or the key's meaning changes
@@ -111,12 +112,10 @@ def model_fingerprint(reference) -> str:
     adapters_off = isinstance(reference, AdapterDisabledReference)
     module = reference.policy if adapters_off else reference
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if adapters_off and "lora_" in name:  # disabled: they do not take part in pi_ref
-            continue
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
+    # disabled adapters do not take part in pi_ref
+    hash_weights(
+        digest, ((n, t) for n, t in module.state_dict().items() if not (adapters_off and "lora_" in n))
+    )
     config = {
         k: v
         for k, v in module.config.to_dict().items()

@@ -156,11 +156,16 @@ def cache_dir() -> Path:
 def weights_sha256(model) -> str:
     """sha256 of the weights a model holds (names, dtypes, shapes and bytes): what identifies a fit."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    hash_weights(digest, model.state_dict().items())
+    return digest.hexdigest()
+
+
+def hash_weights(digest, named_tensors) -> None:
+    """Feed (name, tensor) pairs into `digest` in name order: name, dtype and shape, then the bytes."""
+    for name, tensor in sorted(named_tensors):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+        digest.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
 
 
 def load_cached(policy, key: str) -> dict | None:

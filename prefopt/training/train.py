@@ -11,7 +11,6 @@ with one line naming the command that resumes it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -318,9 +317,9 @@ def _forward_backward(model, run, examples, trainer, step: int, device, autocast
 
 
 def _digest(tensor) -> str | None:
-    if tensor is None:
-        return None
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    from prefopt.training.reference_cache import tensor_sha256
+
+    return None if tensor is None else tensor_sha256(tensor)
 
 
 def resume_command(run_dir: Path) -> str:
