@@ -78,17 +78,15 @@ def pair_rows(device):
 
 
 def logps_and_grads(model, rows, packing, autocast: bool):
-    from prefopt.logps import model_logps
-
     model.zero_grad(set_to_none=True)
     with torch.autocast(rows.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logps = model_logps(model, rows, packing=packing)
+        logps = packing.logps(model, rows)
     logps.sum().backward()
     return logps.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
 
 
 def check_layouts(device) -> None:
-    from prefopt.logps import Packing
+    from prefopt.data.layout import Packing
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = pair_rows(device)
@@ -120,7 +118,7 @@ def check_layouts(device) -> None:
 
 
 def check_liger(device) -> None:
-    from prefopt.logps import _chunk_logps, _liger, fused_kernel_applies, fused_token_logps
+    from prefopt.models.logps import _chunk_logps, _liger, fused_kernel_applies, fused_token_logps
 
     if _liger() is None:
         print("liger-kernel not installed: the fused kernel is not checked")

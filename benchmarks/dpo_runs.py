@@ -74,8 +74,9 @@ def run_prefopt(spec: dict, record: dict) -> None:
     from hydra import compose, initialize_config_dir
 
     import prefopt
+    from prefopt import CONF_DIR
     from prefopt.config import load_run_config, register_resolvers
-    from prefopt.training.train import CONF_DIR, train
+    from prefopt.training.train import train
 
     shape, steps = spec["shape"], spec["steps"]
     overrides = [
@@ -109,7 +110,7 @@ def run_prefopt(spec: dict, record: dict) -> None:
     ]
     record["prefopt_source"] = str(Path(prefopt.__file__).parent)  # which tree ran
     register_resolvers()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         rc = load_run_config(compose(config_name="train", overrides=overrides))
     run_dir = Path(spec["run_dir"]) / "prefopt"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,8 @@ def resolve_model(model: str, dtype: str) -> Path:
     preset that resolves to a hub id) the hub's copy, downloaded once."""
     from omegaconf import OmegaConf
 
+    from prefopt import CONF_DIR
     from prefopt.models.gguf import resolve_checkpoint
-    from prefopt.training.train import CONF_DIR
 
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser().resolve()

@@ -22,13 +22,14 @@ import time
 import torch
 
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
+from prefopt.data.layout import Packing
 from prefopt.data.packing import pack, prompt_group_passes, share_prompts, whole_table_passes
-from prefopt.logps import Packing, model_logps
+from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.step import LossInputs, pair_loss
+from prefopt.models.logps import model_logps
 from prefopt.models.tiny import TinyModelConfig, build_tiny
 from prefopt.objectives import OBJECTIVES
 from prefopt.objectives.dpo import DPOConfig
-from prefopt.training.prepare import _all_sequence_logps
-from prefopt.training.step import LossInputs, pair_loss
 
 VOCABULARY = [f"w{i}" for i in range(8192 - 3)]  # + 3 special tokens = 8192
 LENGTHS = {"fixed": ((64, 64), (64, 64)), "variable": ((8, 128), (4, 128))}  # (prompt, response) ranges

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from prefopt import CONF_DIR
+
 USAGE = """usage: prefopt <command> [args]
 
 commands:
@@ -18,7 +20,6 @@ commands:
   evaluate <run dir | checkpoint> [key=value ...]
                         held-out metrics and generation eval of a saved model, without training
 """
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,21 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type; the message names the key."""
-
-
-class ConfigFieldError(ValueError):
-    """A schema's `__post_init__` rejects a value; `field` names it so the error can give the config key."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-class MissingPathError(ConfigFieldError, FileNotFoundError):
-    """A local file or directory the config names does not exist."""
+from prefopt.errors import ConfigError, ConfigFieldError, MissingPathError  # noqa: F401 (re-exported)
 
 
 def register_resolvers() -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import prefopt
 from prefopt.config import load_run_config, register_resolvers
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = str(ROOT / "conf")
+CONF_DIR = str(prefopt.CONF_DIR)
 
 # A few-second run: a 2-layer width-32 Llama on 6 prompts x 3 candidates.
 FAST_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64"]

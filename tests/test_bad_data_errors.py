@@ -13,7 +13,7 @@ import pytest
 
 from prefopt.config import ConfigError
 from prefopt.data import DATASETS
-from prefopt.data.source import DataError
+from prefopt.errors import DataError
 
 
 @pytest.fixture(autouse=True)

@@ -222,7 +222,7 @@ def test_cli_a_missing_model_dir_is_one_line_exit_2_before_data_or_model_load(cl
     ]
     assert not (run["run_dir"] / "metrics.jsonl").exists()
     log = (run["run_dir"] / "train.log").read_text() if (run["run_dir"] / "train.log").exists() else ""
-    assert "prefopt.training.prepare" not in log  # it logs the data and the model as they load
+    assert "prefopt.engine.prepare" not in log  # it logs the data and the model as they load
 
 
 def test_cli_a_typo_is_one_line_exit_2_and_no_run_dir(cli_runs):

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import FAST, ROOT, read_jsonl, run_training
 
+from prefopt.engine.distributed import World, my_pairs, my_share
 from prefopt.training.checkpoint import checkpoint_dir
-from prefopt.training.distributed import World, my_pairs, my_share
 
 PYTHON = sys.executable
 RUN = [
@@ -105,7 +105,7 @@ def test_each_rank_takes_an_equal_contiguous_share_of_the_steps_pairs():
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
     from prefopt.config import TrainerConfig
-    from prefopt.training import distributed
+    from prefopt.engine import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: World(0, 2))
     with pytest.raises(ValueError, match="trainer.batch_size"):
@@ -117,7 +117,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
 
 def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypatch):
     """hydra/launcher=slurm with tasks_per_node > 1: each task is a rank (no torchrun on the node)."""
-    from prefopt.training.distributed import export_slurm_environment
+    from prefopt.engine.distributed import export_slurm_environment
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # recorded, so teardown restores what the export below sets

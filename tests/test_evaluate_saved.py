@@ -82,7 +82,7 @@ def test_a_cached_fit_with_other_weights_is_fitted_again(tiny_run, tmp_path, mon
     reference is fitted again from the run's config and seed."""
     from transformers import AutoModelForCausalLM
 
-    from prefopt.training.reference_fit import store_cached
+    from prefopt.engine.reference_fit import store_cached
 
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
     recorded = json.loads((tiny_run / "summary.json").read_text())["reference_fit"]

@@ -8,14 +8,14 @@ to 1, since p_ij + p_ji = 1), and the population loss is exact:
 
     L(theta) = sum_{i != j} w_ij loss(chosen=i, rejected=j)
 
-with Extras.kl = KL(pi_ref || pi_theta) from `prefopt.kl.exact_kl` (the same for every row, so the objective
-is E[BT] + lam KL). L-BFGS from the uniform policy finds the minimizer.
+with Extras.kl = KL(pi_ref || pi_theta) from `prefopt.engine.kl.exact_kl` (the same for every row, so the
+objective is E[BT] + lam KL). L-BFGS from the uniform policy finds the minimizer.
 """
 
 import pytest
 import torch
 
-from prefopt.research.population import population_minimizer
+from prefopt.evaluation.population import population_minimizer
 
 GOOD = ([0.6, 0.3, 0.1], [0.6, 0.3, 0.1])  # (pi*, pi_ref): the reference is already right
 BAD = ([0.6, 0.2, 0.2], [0.4, 0.2, 0.4])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prefopt.kl import KL_ESTIMATORS, exact_kl, sampled_kl
+from prefopt.engine.kl import KL_ESTIMATORS, exact_kl, sampled_kl
 
 
 def f64(*values: float) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 from conftest import torch_threads
 
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
-from prefopt.logps import hidden_states, model_logps, token_kl
 from prefopt.models import TinyModelConfig, build_tiny
+from prefopt.models.logps import hidden_states, model_logps, token_kl
 
 VOCABULARY = [
     "tell",
@@ -311,7 +311,7 @@ def test_make_batch_side_rows_and_groups_point_at_the_right_sequences():
 def test_the_linear_head_function_gives_autograds_logps_and_gradients(bias):
     """token_logps on a plain nn.Linear (chunks of 7; backward recomputes each chunk's logits) against
     plain autograd through log_softmax over the whole vocabulary: the same values and gradients."""
-    from prefopt.logps import token_logps
+    from prefopt.models.logps import token_logps
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double()

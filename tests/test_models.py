@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM
 
 from prefopt.config import ConfigError, load_run_config
 from prefopt.data.batching import PaddedSequences
-from prefopt.logps import hidden_states, model_logps
 from prefopt.models import (
     AdapterDisabledReference,
     LoraConfig,
@@ -32,6 +31,7 @@ from prefopt.models import (
     load_pretrained,
     save_checkpoint,
 )
+from prefopt.models.logps import hidden_states, model_logps
 from prefopt.models.pretrained import check_local_path
 
 CONF_MODELS = Path(__file__).resolve().parent.parent / "conf" / "model"

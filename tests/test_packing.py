@@ -26,9 +26,10 @@ from torch import nn
 
 from prefopt.config import ConfigError, load_run_config
 from prefopt.data.batching import make_batch
+from prefopt.data.layout import Packing
 from prefopt.data.packing import PackedSequences, best_fit_decreasing, pack, whole_table_passes
-from prefopt.logps import (
-    Packing,
+from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.models.logps import (
     _liger,
     fused_kernel_applies,
     fused_token_logps,
@@ -39,7 +40,6 @@ from prefopt.logps import (
 )
 from prefopt.models.packing_support import supports_packing
 from prefopt.models.value_head import last_prompt_hidden
-from prefopt.training.prepare import _all_sequence_logps
 
 CPU = torch.device("cpu")
 # More rows than ROWS, of more lengths, so packing puts 2-3 sequences in a row.
@@ -312,8 +312,8 @@ def test_a_model_whose_masks_ignore_position_ids_is_padded():
     assert support.shares_prompts and Packing(True).arrange(rows, model, CPU).segments is not None
     with torch.no_grad():
         padded = model_logps(model, rows)
-        assert torch.equal(model_logps(model, rows, packing=rows_only), padded)  # the same rows: exact
-        torch.testing.assert_close(model_logps(model, rows, packing=Packing()), padded, **LOGPS_CLOSE)
+        assert torch.equal(rows_only.logps(model, rows), padded)  # the same rows: exact
+        torch.testing.assert_close(Packing().logps(model, rows), padded, **LOGPS_CLOSE)
 
 
 class SegmentMeanModel(nn.Module):
@@ -458,7 +458,7 @@ def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monke
     last step's rounding: measured, losses within 1e-7 and final log-probs within 1e-6 over these 6
     warm-up steps (lr <= 6e-4). Asserted: 1e-5 (+1e-5 relative) per step, 1e-4 relative at the end; a
     layout that leaks attention moves log-probs by >= 3e-3 and the loss visibly."""
-    import prefopt.logps
+    import prefopt.data.layout
 
     layouts = []
 
@@ -470,8 +470,8 @@ def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monke
 
         return counted
 
-    monkeypatch.setattr(prefopt.logps, "pack", counting(prefopt.logps.pack))
-    monkeypatch.setattr(prefopt.logps, "share_prompts", counting(prefopt.logps.share_prompts))
+    monkeypatch.setattr(prefopt.data.layout, "pack", counting(prefopt.data.layout.pack))
+    monkeypatch.setattr(prefopt.data.layout, "share_prompts", counting(prefopt.data.layout.share_prompts))
     steps = [*objective, "trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.micro_batch_size=16"]
     caplog.set_level(logging.INFO, logger="prefopt.models.packing_support")
     shared = run_training(tmp_path / "shared", *steps)  # packing: auto

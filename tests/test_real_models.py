@@ -277,8 +277,8 @@ def test_generation_stops_at_the_chat_templates_end_of_turn_when_eos_is_another_
     (Gemma's <end_of_turn>): generation stops at both, and at every EOS the generation config lists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefopt.evaluation.generation import stop_token_ids
     from prefopt.models.gguf import converted_checkpoint
+    from prefopt.models.sampling import stop_token_ids
 
     entry = converted_checkpoint(write_tiny_gguf(tmp_path / "tiny.gguf"), "float32")
     tokenizer, model = AutoTokenizer.from_pretrained(entry), AutoModelForCausalLM.from_pretrained(entry)

@@ -16,10 +16,10 @@ import torch
 from conftest import FAST, FAST_MODEL, ROOT, compose_config, read_jsonl, run_training
 
 from prefopt.data.batching import SequenceTable
+from prefopt.engine import reference_cache
+from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.reference_cache import cache_dir, cached_reference_logps, model_fingerprint
 from prefopt.models import LoraConfig, TinyModelConfig, adapter_reference, build_tiny
-from prefopt.training import reference_cache
-from prefopt.training.prepare import _all_sequence_logps
-from prefopt.training.reference_cache import cache_dir, cached_reference_logps, model_fingerprint
 
 WORDS = ["tell", "me", "about", "topic0", "topic1", ".", "yes", "no", "maybe", "so"]
 PROMPTS = ["tell me about topic0 .", "tell me about topic1 ."]  # 5 tokens each (no BOS)
@@ -215,7 +215,7 @@ def test_the_reference_model_is_freed_unless_token_kl_or_generation_reads_it(ove
     """After its log-probs pass the reference copy is gone (no object holds it), unless the token-level
     KL or the generation eval still samples from it."""
     from prefopt.config import load_run_config
-    from prefopt.training import prepare as prepare_module
+    from prefopt.engine import prepare as prepare_module
 
     built = []
     make_reference = prepare_module._reference

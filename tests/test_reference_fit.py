@@ -10,10 +10,8 @@ from conftest import compose_config, torch_threads
 from prefopt.config import load_run_config
 from prefopt.data import DATASETS
 from prefopt.data.batching import SequenceTable
-from prefopt.logps import model_logps
-from prefopt.models import MODELS
-from prefopt.training.prepare import _candidates, data_vocabulary
-from prefopt.training.reference_fit import (
+from prefopt.engine.prepare import _candidates, data_vocabulary
+from prefopt.engine.reference_fit import (
     cache_dir,
     candidate_fit,
     fit_reference,
@@ -21,6 +19,8 @@ from prefopt.training.reference_fit import (
     store_cached,
     weights_sha256,
 )
+from prefopt.models import MODELS
+from prefopt.models.logps import model_logps
 
 # Two 5-candidate contexts, the second's reference reversed, on the experiments' 2-layer width-64 model:
 # Adam at lr 1e-2 sits on a plateau at KL 0.07 for its whole budget (the model ignores the prompt token).

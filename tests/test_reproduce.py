@@ -23,8 +23,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from prefopt.evaluation.population import population_minimizer
 from prefopt.research import report, reproduce, theory
-from prefopt.research.population import population_minimizer
 from prefopt.research.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent

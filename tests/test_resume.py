@@ -371,8 +371,8 @@ def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted
     """trainer.checkpoint_every_steps=null: a finished run writes its Hugging Face export, no training state
     (nothing to resume: summary.json says completed, resume=auto skips it); one that failed in its final
     evaluation left no checkpoint and starts over; a preempted one writes its step, and resumes exactly."""
+    import prefopt.engine.distributed
     import prefopt.evaluation.convergence
-    import prefopt.training.distributed
     from prefopt.training.preemption import Preempted
 
     off = ["trainer.max_steps=4", "trainer.checkpoint_every_steps=null", "trainer.log_every_steps=1"]
@@ -394,7 +394,7 @@ def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted
     calls = []
     with monkeypatch.context() as patch:  # a SIGTERM seen after step 2
         patch.setattr(
-            prefopt.training.distributed,
+            prefopt.engine.distributed,
             "agreed_stop",
             lambda requested, device: calls.append(1) or ("SIGTERM" if len(calls) == 2 else None),
         )

@@ -285,7 +285,7 @@ def test_state_files_are_whole_json_and_no_temporary_file_is_left(tmp_path):
 
 
 def test_an_attempt_that_failed_before_step_1_is_replaced_by_the_same_command(tmp_path, monkeypatch, caplog):
-    import prefopt.training.prepare as prepare_module
+    import prefopt.engine.prepare as prepare_module
     from prefopt.training.resume import RunDirInUse
 
     real = prepare_module.prepare

@@ -80,7 +80,7 @@ def test_prefopt_has_no_eval_exec_or_pickle_and_every_torch_load_is_weights_only
         "prefopt.training.train:train",
         "prefopt.training.train.train",
         "prefopt.training.train:main",
-        "prefopt.training.prepare:prepare",
+        "prefopt.engine.prepare:prepare",
         "prefopt.config:load_run_config",
         "prefopt:cli",
         "os:system",

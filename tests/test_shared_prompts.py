@@ -23,12 +23,13 @@ from test_packing import (
 )
 
 import prefopt.models.shared_prompt_attention as attention
+from prefopt.data.layout import Packing
 from prefopt.data.packing import prompt_group_passes, share_prompts
-from prefopt.logps import Packing, hidden_states, model_logps, token_kl
+from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.models.logps import hidden_states, model_logps, token_kl
 from prefopt.models.packing_support import supports_packing
 from prefopt.models.shared_prompt_attention import IMPLEMENTATION
 from prefopt.models.value_head import last_prompt_hidden
-from prefopt.training.prepare import _all_sequence_logps
 
 CPU = torch.device("cpu")
 
@@ -118,7 +119,7 @@ def test_shared_prompt_logps_equal_a_naive_loop_over_each_sequence():
     model, tokenizer = tiny_model()
     _, _, rows = packed_table(tokenizer)
     expected = torch.stack([naive_logps(model, tokenizer, p, r) for p, r in MORE_ROWS])
-    torch.testing.assert_close(model_logps(model, rows, packing=Packing()), expected, **LOGPS_CLOSE)
+    torch.testing.assert_close(Packing().logps(model, rows), expected, **LOGPS_CLOSE)
 
 
 def test_a_response_sees_neither_its_siblings_nor_other_groups():

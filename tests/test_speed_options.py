@@ -9,8 +9,8 @@ import torch
 from conftest import read_jsonl, run_training, torch_threads
 from test_logps import LOGPS_CLOSE, ROWS, table_of, tiny_model
 
+from prefopt.data.layout import Packing
 from prefopt.data.packing import pack
-from prefopt.logps import Packing, model_logps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,8 +30,8 @@ def test_bucketed_packed_rows_are_a_multiple_wide_and_give_the_same_logps():
     bucketed = pack(rows, None, width_multiple=64)
     assert bucketed.input_ids.shape[1] == 64 and pack(rows).input_ids.shape[1] < 64
     with torch.no_grad():
-        plain = model_logps(model, rows, 2048, Packing(True))
-        wide = model_logps(model, rows, 2048, Packing(True, None, 64))
+        plain = Packing(True).logps(model, rows, 2048)
+        wide = Packing(True, None, 64).logps(model, rows, 2048)
     torch.testing.assert_close(wide, plain, **LOGPS_CLOSE)  # a 64-wide row: other shapes, other rounding
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import read_jsonl, run_training
 
+from prefopt.engine.step import LossInputs, reference_side
 from prefopt.models import has_dropout
-from prefopt.training.step import LossInputs, reference_side
 
 
 def test_the_reference_row_shows_zero_margins_and_half_accuracy_exactly(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_llama
 
 from prefopt.data.batching import SequenceTable
-from prefopt.logps import model_logps
+from prefopt.models.logps import model_logps
 
 WORDS = ["tell", "me", "about", "cats", "dogs", "the", "cat", "sat", "hi", "yes", "no", "user", "said"]
 ROLES = ["<user>", "</user>", "<assistant>", "</assistant>"]

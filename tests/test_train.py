@@ -180,7 +180,7 @@ def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
 
 
 def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, monkeypatch):
-    from prefopt.training.reference_fit import ReferenceFitError
+    from prefopt.engine.reference_fit import ReferenceFitError
     from prefopt.training.tracking import Tracker
 
     closed = []

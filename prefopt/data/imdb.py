@@ -21,10 +21,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from prefopt.config import ConfigFieldError
 from prefopt.data.pairs import TextData, TextPairs
 from prefopt.data.preference import PreferenceFileConfig, load_preference
 from prefopt.data.source import SourceConfig, load_arguments, open_source
+from prefopt.errors import ConfigFieldError
 
 _BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 

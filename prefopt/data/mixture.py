@@ -25,9 +25,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from prefopt.config import ConfigFieldError
 from prefopt.data.pairs import TextData, TextPairs, concat_pairs
 from prefopt.data.source import check_token_limits
+from prefopt.errors import ConfigFieldError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prefopt.data.pairs import BadRow, Filtered, Pair, TextData, TextPairs, check_pair, collect_pairs
-from prefopt.data.source import DataError, RowLocator, Source, SourceConfig, open_source
+from prefopt.data.source import RowLocator, Source, SourceConfig, open_source
+from prefopt.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prefopt.config import ConfigFieldError
 from prefopt.data.dialogue import as_prompt, as_response
 from prefopt.data.pairs import BadRow, Filtered, Pair, TextData, field_value, text_field
 from prefopt.data.rows import attempt, load_text_data
 from prefopt.data.source import SourceConfig
+from prefopt.errors import ConfigFieldError
 
 COLUMNS = ["post_id", "history", "human_ref_A", "human_ref_B", "labels", "score_A", "score_B", "score_ratio"]
 

@@ -17,17 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefopt.config import ConfigError, ConfigFieldError, MissingPathError
+from prefopt.errors import ConfigFieldError, DataError, MissingPathError
 
 log = logging.getLogger(__name__)
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 GLOB = set("*?[")
-
-
-class DataError(ConfigError):
-    """A data file cannot be read, or a split gives no usable pairs; one line naming the file and the line
-    (a ConfigError: the CLI prints it as one line and exits 2)."""
 
 
 @dataclass

@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prefopt.config import ConfigFieldError
 from prefopt.data.dialogue import as_prompt, as_response
 from prefopt.data.pairs import BadRow, Pair, TextData, field_value, final_turn, messages
 from prefopt.data.rows import each_row, load_text_data
 from prefopt.data.source import SourceConfig
+from prefopt.errors import ConfigFieldError
 
 LABELS = ("hard", "scores")
 

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from prefopt.config import ConvergenceConfig
-from prefopt.research.population import empirical_weights, is_tabular, tabular_minimizer, total_variation
+from prefopt.evaluation.population import empirical_weights, is_tabular, tabular_minimizer, total_variation
 
 if TYPE_CHECKING:
     from prefopt.config import RunConfig
-    from prefopt.training.prepare import PreparedRun
+    from prefopt.engine.prepare import PreparedRun
 
 
 def loss_change(step_losses: list[float], share: float = 0.1) -> float | None:

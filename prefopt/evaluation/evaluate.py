@@ -12,11 +12,10 @@ from collections import defaultdict
 import torch
 
 from prefopt.data.batching import make_batch
+from prefopt.engine.prepare import PreparedRun
+from prefopt.engine.step import pair_loss, reference_side
 from prefopt.evaluation.exact import exact_metrics
-from prefopt.logps import model_logps
 from prefopt.progress import progress
-from prefopt.training.prepare import PreparedRun
-from prefopt.training.step import pair_loss, reference_side
 
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a metric key with a per-prompt path segment
 
@@ -55,7 +54,7 @@ def candidate_logps(run: PreparedRun, device, autocast) -> torch.Tensor:
     ids = run.candidates.flatten()
     with autocast():
         rows = run.table.pad(ids).to(device)
-        logps = model_logps(run.policy, rows, run.inputs.chunk_tokens, run.inputs.packing)
+        logps = run.inputs.packing.logps(run.policy, rows, run.inputs.chunk_tokens)
     return logps.float().view(run.candidates.shape)
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.files import DamagedFile, atomic_write_json, read_sealed_json, sealed
 from prefopt.progress import progress
 

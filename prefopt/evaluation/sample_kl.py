@@ -6,9 +6,10 @@ reads it (Rafailov et al. 2023, Fig. 2):
 
 over the N = P x S samples of the generation eval (S per prompt, each drawn independently given its prompt;
 the prompts are a fixed set, so se is the sampling error of the samples alone). lp is the summed log-prob
-of the sampled tokens, the stop token included when the sample ended at one: the same `prefopt.logps` code
-the training loop uses, over right-padded prompt + response rows. Each d_i can be negative; the mean is an
-unbiased estimate of a KL, which is >= 0. Identical models give exactly 0 with se 0.
+of the sampled tokens, the stop token included when the sample ended at one: the same
+`prefopt.models.logps` code the training loop uses, over right-padded prompt + response rows. Each d_i
+can be negative; the mean is an unbiased estimate of a KL, which is >= 0. Identical models give exactly 0
+with se 0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from prefopt.data.batching import PaddedSequences
-from prefopt.logps import CHUNK_TOKENS, model_logps
+from prefopt.models.logps import CHUNK_TOKENS, model_logps
 
 
 def padded_rows(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> PaddedSequences:
@@ -84,7 +85,8 @@ def sample_kl(
     batch_size: int = 16,
 ) -> dict[str, float]:
     """{"kl_samples": mean, "kl_samples_se": se} of lp - lp_ref over the policy's samples: `sampled_ids`
-    (P, S) token ids per prompt of `prompt_ids` (P,), as `generation.sample_until_stop` returns them."""
+    (P, S) token ids per prompt of `prompt_ids` (P,), as `prefopt.models.sampling.sample_until_stop`
+    returns them."""
     prompts = [p for p, group in zip(prompt_ids, sampled_ids) for _ in group]
     responses = [y for group in sampled_ids for y in group]
     logps = response_logps(policy, prompts, responses, pad_id, device, batch_size)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefopt.config import ConfigError
+from prefopt.errors import ConfigError
 from prefopt.files import DamagedFile, atomic_write_json, fsync_dir, read_sealed_json, sealed, sha256_file
 from prefopt.progress import progress
 

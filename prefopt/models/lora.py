@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class AdapterDisabledReference:
     in eval mode (no dropout) and without gradients, then restores the policy's train/eval modes.
 
     Offers what the loop asks of a reference: `get_decoder()` and `get_output_embeddings()` (the log-prob
-    and token-KL path of `prefopt.logps`), and `generate` (reference samples). It owns no weights."""
+    and token-KL path of `prefopt.models.logps`), and `generate` (reference samples). It owns no weights."""
 
     def __init__(self, policy):
         self.policy = policy

@@ -1,6 +1,6 @@
 """Which padding-free layouts a model's decoder reads exactly, probed once per model on a few tokens.
 
-`prefopt.logps.Packing` asks `supports_packing` before it packs: packed rows ("rows": a batch of rows;
+`prefopt.data.layout.Packing` asks `supports_packing` before it packs: packed rows ("rows": a batch of rows;
 "one_row": a single row, as flash attention's varlen kernel needs), and one row of prompt groups
 (`shares_prompts`, through `prefopt.models.shared_prompt_attention`). Anything the probe cannot confirm is
 padded.

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefopt.config import ConfigError, ConfigFieldError
+from prefopt.errors import ConfigError, ConfigFieldError
 from prefopt.models.gguf import GGUF_PACKAGES, SOURCES, package_installed, resolve_checkpoint
 from prefopt.models.lora import LoraConfig, apply_lora, is_lora
 

@@ -11,7 +11,7 @@ The first term is the Bradley-Terry likelihood with the policy's own log-probs a
 (-log sigma(d) for hard labels); its population minimizer is the data's pi*. The second pulls towards
 pi_ref. Where pi_ref = pi* both agree, so EXPO keeps pi* for every lam (DPO/IPO sharpen it instead).
 
-The KL (Extras.kl, (B,)) comes from the loop's configured estimator (`prefopt.kl`: exact | samples, or
+The KL (Extras.kl, (B,)) comes from the loop's configured estimator (`prefopt.engine.kl`: exact | samples, or
 token-level from logits). It is a sum over the vocabulary / response space and a mean over examples (the
 loop averages the per-example losses). We deliberately do NOT reproduce the official code's
 `F.kl_div(..., reduction='mean')`, which silently divides lam by |Y|. lam is EXPO's own strength, not on
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.objectives.base import (
     Extras,
     Objective,

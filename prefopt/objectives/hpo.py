@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.objectives import dpo, kto
 from prefopt.objectives.base import (
     Extras,

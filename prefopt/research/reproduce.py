@@ -5,7 +5,7 @@
 Each experiment is a `conf/experiment/*.yaml` swept through the real CLI (parallel local launcher); its
 sweep dir gets `prefopt report`'s files, and `<out>/REPORT.md` gathers them with a theory check of the
 EXPO toy results: each run against the exact minimizer of its own training pairs (recorded by the run,
-`prefopt.research.population`), cells with unconverged runs marked, and the finite-sample spread of those
+`prefopt.evaluation.population`), cells with unconverged runs marked, and the finite-sample spread of those
 minimizers beside the infinite-data one.
 
 `--only sentiment_frontier` (`make reproduce-real`) runs the real-LM experiment instead (SmolLM2-135M on
@@ -26,13 +26,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prefopt import CONF_DIR
 from prefopt.files import atomic_write_text
 from prefopt.progress import progress
 from prefopt.research.report import write_report
 from prefopt.research.theory import EXPLANATION, theory_check
 
 log = logging.getLogger("prefopt.research.reproduce")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS: dict[str, list[list[str]]] = {
     "expo_preservation": [[]],
     "expo_interpolation": [[]],

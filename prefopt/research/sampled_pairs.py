@@ -2,7 +2,7 @@
 
 A dataset=imdb run builds its pairs from the starting model's samples of each prompt, ranked by an aux
 reward (`prefopt.data.imdb.pairs_from_samples`); twelve runs would sample the same pairs twelve times.
-`precompute_pairs` does it once, with the same code (`prefopt.training.prepare`), and writes them as a
+`precompute_pairs` does it once, with the same code (`prefopt.engine.prepare`), and writes them as a
 dataset=preference dir (train.jsonl + test.jsonl) that the runs read through `dataset.pairs_path`. The
 pairs are cached in `$PREFOPT_CACHE/sampled_pairs/<key>.json` (sealed: a sha256 of the content, checked on
 read; a damaged entry is one warning and sampled again), the key a hash of the starting model's weights
@@ -41,10 +41,10 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
     """The pairs of `rc`'s dataset=imdb request as `<out_dir>/train.jsonl` and `test.jsonl`; returns
     out_dir, for `dataset.pairs_path`."""
     from prefopt.data import DATASETS
+    from prefopt.engine.prepare import data_vocabulary, pairs_from_model_samples
+    from prefopt.engine.reference_fit import weights_sha256
     from prefopt.models import MODELS
     from prefopt.rewards import build_aux_reward
-    from prefopt.training.prepare import data_vocabulary, pairs_from_model_samples
-    from prefopt.training.reference_fit import weights_sha256
 
     torch.set_num_threads(threads)
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)

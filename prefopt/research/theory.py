@@ -1,7 +1,7 @@
 """The theory check of the EXPO toy experiments: each run against the exact minimizer of its own training
 pairs (recorded in its summary.json), per (objective, strength, context) cell: agrees, disagrees or not
 converged, with the finite-sample spread of the own-pairs minimizers beside the infinite-data minimizer
-(`prefopt.research.population`)."""
+(`prefopt.evaluation.population`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from prefopt.objectives import OBJECTIVES
 from prefopt.research.figures import CONVERGED
 from prefopt.research.formatting import fmt, fmt_value
-from prefopt.research.population import (
+from prefopt.evaluation.population import (
     is_tabular,
     kl_divergence,
     population_minimizer,
@@ -216,7 +216,7 @@ def _mean_std(mean: float, std: float) -> str:
 
 
 EXPLANATION = """Each run is compared with the exact minimizer of the loss on its own training pairs (the
-run's empirical pair table and fitted reference, `prefopt/research/population.py`), so the sampling noise of a
+run's empirical pair table and fitted reference, `evaluation/population.py`), so the sampling noise of a
 finite data set no longer counts for or against it: a converged run reaches that minimizer to within the
 TV tolerance, whatever its seed drew. The finite-sample error is reported on its own: ~270 (preservation)
 or ~200 (interpolation) sampled pairs give empirical preference rates that differ from p*, so the own-pairs

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from prefopt.config import ConfigError, ConfigFieldError
+from prefopt.errors import ConfigError, ConfigFieldError
 from prefopt.models.pretrained import (
     DTYPES,
     check_local_path,

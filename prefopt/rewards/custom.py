@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
 

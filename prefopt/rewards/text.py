@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from prefopt.config import ConfigFieldError
+from prefopt.errors import ConfigFieldError
 from prefopt.rewards.base import AuxReward, RewardConfig, RewardFn
 
 SCALES = ("compound", "unit")

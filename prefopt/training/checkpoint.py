@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefopt.engine.distributed import all_true, barrier, broadcast_object, world
 from prefopt.files import DamagedFile, atomic_write_json, read_json
-from prefopt.training.distributed import all_true, barrier, broadcast_object, world
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

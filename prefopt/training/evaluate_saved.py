@@ -27,8 +27,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from prefopt import CONF_DIR
+
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _new_dir(parent: Path) -> Path:
@@ -82,9 +83,9 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     """Prepare the run as it trained, load its checkpoint into the policy (when `source` is a run dir) and
     run the evaluation stage at the run's final step; writes eval.json and summary.json into `out`
     atomically and returns the summary."""
+    from prefopt.engine.prepare import prepare
     from prefopt.evaluation.evaluate import evaluate
     from prefopt.files import atomic_write_json
-    from prefopt.training.prepare import prepare
     from prefopt.training.run_summary import brief, generation_eval, run_name, task_record
     from prefopt.training.setup import autocast_for, configure_torch, speed_up
     from prefopt.training.tracking import Tracker
@@ -132,8 +133,8 @@ def _runs_own_reference(rc, run, source: Path, device) -> tuple[object, dict]:
     """The prepared run, whose reference is `source`'s own, and how it was obtained. A fitted reference
     whose weights differ from the digest the run recorded is fitted again (cache off), deterministically
     from the run's config and seed."""
+    from prefopt.engine.prepare import prepare
     from prefopt.files import read_json
-    from prefopt.training.prepare import prepare
 
     path = getattr(rc.model, "reference_name_or_path", None)
     if run.reference_fit is None:
@@ -196,7 +197,7 @@ def load_value_head(value_head, checkpoint: Path) -> None:
     so only the metrics that read it differ from the run's)."""
     from safetensors.torch import load_file
 
-    from prefopt.training.distributed import VALUE_HEAD_FILE
+    from prefopt.engine.distributed import VALUE_HEAD_FILE
 
     path = checkpoint / VALUE_HEAD_FILE
     if value_head is None:
@@ -208,7 +209,8 @@ def load_value_head(value_head, checkpoint: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from prefopt.config import ConfigError, load_run_config, register_resolvers
+    from prefopt.config import load_run_config, register_resolvers
+    from prefopt.errors import ConfigError
     from prefopt.files import RunDirLock, RunDirLocked, atomic_write_text
 
     if not argv or argv[0] in {"-h", "--help"}:

@@ -15,7 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefopt.config import ConfigError, RunConfig
+from prefopt.config import RunConfig
+from prefopt.errors import ConfigError
 from prefopt.files import DamagedFile, read_json
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from prefopt.config import RunConfig
-from prefopt.training.distributed import device_for, init_from_environment
+from prefopt.engine.distributed import device_for, init_from_environment
 from prefopt.training.seeding import seed_everything
 
 

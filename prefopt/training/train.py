@@ -26,7 +26,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.config import ConfigError, RunConfig, load_run_config
+from prefopt import CONF_DIR
+from prefopt.config import RunConfig, load_run_config
+from prefopt.errors import ConfigError
 from prefopt.files import RunDirLock, RunDirLocked, atomic_write_json, atomic_write_text, is_disk_full
 from prefopt.training.loop_state import (
     LoopState,
@@ -40,7 +42,6 @@ from prefopt.training.resume import RunDirInUse, plan_resume
 from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 __all__ = ["NonFiniteTraining", "RunDirInUse", "main", "train"]
 
 
@@ -48,7 +49,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     """Prepare, train, evaluate and write the run dir; returns summary.json's content. Raises RunDirInUse
     or ConfigError (a resume that does not fit) before anything loads. On any failure, preemption or
     Ctrl-C, summary.json says so, the tracker is closed, and the error propagates."""
-    from prefopt.training.distributed import release_own_group, world
+    from prefopt.engine.distributed import release_own_group, world
     from prefopt.training.setup import configure_torch
     from prefopt.training.tracking import NullTracker, Tracker
 
@@ -126,12 +127,7 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
     from transformers import get_scheduler
 
     from prefopt.data.batching import PairSampler
-    from prefopt.evaluation.convergence import run_convergence
-    from prefopt.evaluation.evaluate import evaluate
-    from prefopt.models import has_dropout
-    from prefopt.progress import progress, quiet_library_progress_bars
-    from prefopt.training.checkpoint import load_checkpoint
-    from prefopt.training.distributed import (
+    from prefopt.engine.distributed import (
         TrainableModules,
         agreed_stop,
         check_divisible,
@@ -142,7 +138,12 @@ def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, 
         world,
         wrap,
     )
-    from prefopt.training.prepare import prepare
+    from prefopt.engine.prepare import prepare
+    from prefopt.evaluation.convergence import run_convergence
+    from prefopt.evaluation.evaluate import evaluate
+    from prefopt.models import has_dropout
+    from prefopt.progress import progress, quiet_library_progress_bars
+    from prefopt.training.checkpoint import load_checkpoint
     from prefopt.training.seeding import seed_everything
     from prefopt.training.setup import OPTIMIZERS, autocast_for, max_grad_norm, speed_up, trainable_params
 
@@ -296,8 +297,8 @@ def _forward_backward(model, run, examples, trainer, step: int, device, autocast
     from collections import defaultdict
 
     from prefopt.data.batching import make_batch
-    from prefopt.training.distributed import my_pairs, sum_floats, world
-    from prefopt.training.step import pair_loss
+    from prefopt.engine.distributed import my_pairs, sum_floats, world
+    from prefopt.engine.step import pair_loss
 
     needs = run.inputs.hparams.requirements()
     micro_size = trainer.micro_batch_size or trainer.batch_size
@@ -317,7 +318,7 @@ def _forward_backward(model, run, examples, trainer, step: int, device, autocast
 
 
 def _digest(tensor) -> str | None:
-    from prefopt.training.reference_cache import tensor_sha256
+    from prefopt.engine.reference_cache import tensor_sha256
 
     return None if tensor is None else tensor_sha256(tensor)
 
@@ -352,7 +353,7 @@ class RunDirUnwritable(OSError):
 def _sole_writer(run_dir: Path):
     """Hold the run dir's lock while the run lasts (rank 0 alone under torchrun: the others write only
     through it). RunDirLocked names the dir and the pid of the process already writing it."""
-    from prefopt.training.distributed import world
+    from prefopt.engine.distributed import world
 
     if not world().is_main:
         yield
@@ -405,7 +406,7 @@ def _log_to_files(message: str) -> None:
 def _join_ranks(rc: RunConfig, run_dir: Path) -> Path:
     """Under torchrun: join the process group; every rank writes to rank 0's run dir (Hydra's own clock
     may name another), and ranks other than 0 log to their own file. The run dir as it is otherwise."""
-    from prefopt.training.distributed import broadcast_object, init_from_environment
+    from prefopt.engine.distributed import broadcast_object, init_from_environment
 
     current = init_from_environment(rc.trainer.device)
     if not current.distributed:
@@ -430,7 +431,7 @@ def _log_rank_to_own_file(run_dir: Path, rank: int) -> None:
     root.addHandler(own)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -14,19 +14,14 @@ from torch import Tensor
 from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
+from prefopt.data.layout import Packing
 from prefopt.data.packing import prompt_group_passes, whole_table_passes
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.data.tokenization import render_prompt
-from prefopt.logps import Packing, model_logps
-from prefopt.models import MODELS, count_parameters, load_reference
-from prefopt.models.value_head import ValueHead
-from prefopt.objectives import OBJECTIVES
-from prefopt.progress import progress, progress_enabled
-from prefopt.rewards import build_aux_reward, score_responses
-from prefopt.training.distributed import my_share, sum_across_ranks
-from prefopt.training.reference_cache import cached_reference_logps, free_memory
-from prefopt.training.reference_fit import (
+from prefopt.engine.distributed import my_share, sum_across_ranks
+from prefopt.engine.reference_cache import cached_reference_logps, free_memory
+from prefopt.engine.reference_fit import (
     cache_key,
     check_fit,
     fit_reference,
@@ -34,7 +29,12 @@ from prefopt.training.reference_fit import (
     store_cached,
     weights_sha256,
 )
-from prefopt.training.step import LossInputs
+from prefopt.engine.step import LossInputs
+from prefopt.models import MODELS, count_parameters, load_reference
+from prefopt.models.value_head import ValueHead
+from prefopt.objectives import OBJECTIVES
+from prefopt.progress import progress, progress_enabled
+from prefopt.rewards import build_aux_reward, score_responses
 
 log = logging.getLogger(__name__)
 COMPILED_WIDTH_MULTIPLE = 64  # packed row widths under trainer.compile: few shapes, few recompilations
@@ -185,7 +185,7 @@ def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, devic
 
     from prefopt.config import GenerationConfig
     from prefopt.data.imdb import pairs_from_samples
-    from prefopt.evaluation.generation import sample
+    from prefopt.models.sampling import sample
 
     request = text.pairs_from_samples
     cfg = GenerationConfig(num_samples=request.samples_per_prompt, max_new_tokens=request.max_new_tokens)
@@ -353,7 +353,7 @@ def _all_sequence_logps(
         passes = whole_table_passes(lengths, rows_per_pass, budget)
     logps = torch.zeros(len(table), dtype=torch.float32, device=device)
     for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
-        logps[part.to(device)] = model_logps(model, table.pad(part).to(device), chunk_tokens, packing)
+        logps[part.to(device)] = packing.logps(model, table.pad(part).to(device), chunk_tokens)
     return sum_across_ranks(logps)  # each rank computed its share of the passes
 
 

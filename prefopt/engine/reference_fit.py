@@ -34,7 +34,7 @@ from torch import Tensor
 from prefopt.config import ReferenceFitConfig
 from prefopt.data.batching import SequenceTable
 from prefopt.files import DamagedFile, read_sealed_json, sealed, sha256_file
-from prefopt.logps import model_logps
+from prefopt.models.logps import model_logps
 from prefopt.progress import progress
 
 log = logging.getLogger(__name__)

@@ -47,17 +47,17 @@ import torch
 from torch import Tensor
 
 from prefopt.data.batching import SequenceTable
+from prefopt.engine.reference_fit import cache_dir as fit_cache_dir
+from prefopt.engine.reference_fit import hash_weights
 from prefopt.models.shared_prompt_attention import IMPLEMENTATION as SHARED_PROMPT_SDPA
-from prefopt.training.reference_fit import cache_dir as fit_cache_dir
-from prefopt.training.reference_fit import hash_weights
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # bump when the stored layout or the key's meaning changes
 CODE_MODULES = (  # the code whose source the values depend on
-    "prefopt.logps",
+    "prefopt.models.logps",
     "prefopt.data.packing",
     "prefopt.models.shared_prompt_attention",
-    "prefopt.training.prepare",
+    "prefopt.engine.prepare",
 )
 CODE_PACKAGES = ("torch", "transformers", "peft")
 KEY_CHARS_LOGGED = 12

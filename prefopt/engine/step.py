@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from prefopt.data.batching import Batch
-from prefopt.kl import KL_ESTIMATORS
-from prefopt.logps import CHUNK_TOKENS, Packing, hidden_states, sequence_logps, token_kl
+from prefopt.data.layout import Packing
+from prefopt.engine.kl import KL_ESTIMATORS
+from prefopt.models.logps import CHUNK_TOKENS, hidden_states, sequence_logps, token_kl
 from prefopt.models.packing_support import supports_packing
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps

@@ -4,7 +4,7 @@
 
 The decoder runs once per row, over padded rows (one sequence each), packed rows (several, positions
 restarting per sequence) or one row of prompt groups (each prompt once, then its responses:
-`prefopt.data.packing`); `Packing` picks the layout per model. The lm_head and
+`prefopt.data.packing`); `prefopt.data.layout.Packing` picks the layout per model. The lm_head and
 log-softmax run over the response positions only: through Liger's fused linear + cross-entropy kernel when
 it is installed and the hidden states are on CUDA, else a chunk of `chunk_tokens` positions at a time,
 recomputed in backward (activation checkpointing), so memory holds one (chunk, V) block instead of
@@ -16,18 +16,29 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from prefopt.data.batching import PaddedSequences
-from prefopt.data.packing import PackedSequences, pack, share_prompts
-from prefopt.models.packing_support import PackingSupport, supports_packing
 
-Rows = PaddedSequences | PackedSequences
+class Rows(Protocol):
+    """A layout of sequences in decoder rows (`prefopt.data`'s PaddedSequences and PackedSequences): what
+    the log-prob math reads of it. Tensors of R sequences laid out in G rows of T columns."""
+
+    input_ids: Tensor  # (G, T)
+    num_sequences: int  # R
+    response_tokens: Tensor  # (R,) scored tokens of each sequence
+    sequence_row: Tensor  # (R,) the row holding each sequence
+    sequence_start: Tensor  # (R,) the column of its prompt's first token
+    prompt_lengths: Tensor  # (R,)
+    response_starts: Tensor  # (R,) the column of its response's first token
+
+    def decoder_inputs(self) -> dict: ...
+
+
 # A (256, V) fp32 block stays in cache through the log-softmax: on CPU the reference pass ran 1.2x and a
 # training step 1.05x faster than with 2048 (5.5 M-parameter Llama, vocab 8192, 1 thread).
 CHUNK_TOKENS = 256
@@ -157,12 +168,9 @@ def token_kl(
     return torch.zeros(rows.num_sequences, device=policy_hidden.device).index_add(0, sequence, kl)
 
 
-def model_logps(
-    model, rows: Rows, chunk_tokens: int = CHUNK_TOKENS, packing: Packing | None = None
-) -> Tensor:
-    """Convenience: decoder pass plus chunked log-probs, (R,); padded `rows` are packed by `packing`."""
-    if packing is not None and isinstance(rows, PaddedSequences):
-        rows = packing.arrange(rows, model, rows.input_ids.device)
+def model_logps(model, rows: Rows, chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """Convenience: decoder pass plus chunked log-probs, (R,), in the rows' own layout (to pack them first:
+    `prefopt.data.layout.Packing.logps`)."""
     return sequence_logps(model.get_output_embeddings(), hidden_states(model, rows), rows, chunk_tokens)
 
 
@@ -195,45 +203,3 @@ def fused_token_logps(lm_head: nn.Linear, hidden: Tensor, targets: Tensor) -> Te
     logits a chunk at a time and never holds all (n, V) of them."""
     fused, _ = _liger()
     return -fused(hidden, lm_head.weight, targets, bias=lm_head.bias, reduction="none").float()
-
-
-@dataclass(frozen=True)
-class Packing:
-    """How a batch's sequences become the decoder's rows (`trainer.packing`, `trainer.pack_tokens`,
-    `trainer.share_prompts`)."""
-
-    mode: bool | str = "auto"  # auto: pack when `supports_packing` says so, else pad | True | False
-    pack_tokens: int | None = None  # tokens per packed row; None: the longest sequence of the batch
-    width_multiple: int = 1  # packed rows' width rounded up to this (64 under trainer.compile)
-    share_prompts: bool = True  # one row of prompt groups where the model takes it (not under compile)
-
-    def packs(self, model, device) -> bool:
-        support = self._support(model, device)
-        return self.mode is not False and (support.layout is not None or self._shares(support))
-
-    def shares_prompts(self, model, device) -> bool:
-        return self.mode is not False and self._shares(self._support(model, device))
-
-    def arrange(self, rows: PaddedSequences, model, device) -> Rows:
-        """`rows` as `model` reads them best: one row of prompt groups, else packed rows, else as they are
-        (padded)."""
-        if self.mode is False:
-            return rows
-        support = self._support(model, device)
-        if self._shares(support):
-            return share_prompts(rows)
-        if support.layout is None:
-            return rows
-        one_row = support.layout == "one_row"  # one row holds the batch: attention never spans rows
-        budget = int(rows.attention_mask.sum()) if one_row else self.pack_tokens
-        return pack(rows, budget, self.width_multiple)
-
-    def _shares(self, support: PackingSupport) -> bool:
-        # A compiled decoder would recompile for every new set of groups: it gets bucketed packed rows.
-        return self.share_prompts and support.shares_prompts and self.width_multiple == 1
-
-    def _support(self, model, device) -> PackingSupport:
-        support = supports_packing(model, device)
-        if support.layout is None and not self._shares(support) and self.mode is True:
-            raise ValueError(f"trainer.packing=true: {type(model).__name__} cannot pack: {support.reason}")
-        return support

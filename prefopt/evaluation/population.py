@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prefopt.kl import exact_kl
+from prefopt.engine.kl import exact_kl
 from prefopt.objectives import OBJECTIVES, Extras, PairLogps
 
 
