@@ -4,6 +4,7 @@ continues every record (train metric windows, evaluations, the convergence serie
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ class LoopState:
     reference_detail: dict = field(default_factory=dict)
     resumed_at: list = field(default_factory=list)  # steps a resumed run continued from
     last_train: dict = field(default_factory=dict)  # the last train/* record logged
+
+
+def planned_steps(max_steps: int, epochs: float | None, batch_size: int, num_train_pairs: int) -> int:
+    """The run's optimizer steps: `trainer.max_steps`, or with `trainer.epochs` set, that many passes over
+    the train pairs at `batch_size` pairs a step (the config itself is never changed)."""
+    if epochs is None:
+        return max_steps
+    return math.ceil(epochs * num_train_pairs / batch_size)
 
 
 def record_step(state: LoopState, step_sums: dict) -> None:
