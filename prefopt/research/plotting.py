@@ -1,19 +1,16 @@
-"""Plotting primitives for prefopt/report_figures.py: runs grouped into plotted points (hue groups, colours,
-markers, means and stds, categorical x positions), figures and panels, mean bands, the runs left out, axes,
-the figure legend, and point labels placed so that they do not overlap."""
+"""Plotting primitives for prefopt/research/figures.py: runs grouped into plotted points (hue groups,
+colours, markers, means and stds, categorical x positions), figures and panels, mean bands, the runs left
+out, axes, the figure legend, and point labels placed so that they do not overlap."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from prefopt.research.figure_spec import FigureSpec
 from prefopt.research.formatting import fmt_value, sort_key
-
-if TYPE_CHECKING:  # type hints only: report_figures imports this module
-    from prefopt.research.figures import FigureSpec
 
 MAX_PANEL_COLUMNS = 3
 LEFT_OUT = "not converged (left out)"  # legend entry of the runs drawn on their own
