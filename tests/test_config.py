@@ -9,14 +9,13 @@ import itertools
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
+from waiting import exit_code
 
 from prefopt.config import ConfigError, RunConfig, load_run_config, register_resolvers
 
@@ -323,39 +322,35 @@ CLI_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory) -> dict[str, dict]:
-    """`python -m prefopt train ...` from the repo root, run dirs in a temp dir. Started when the module's
-    first test starts, side by side and in the background."""
+    """`python -m prefopt train ...` from the repo root, run dirs in a temp dir, side by side in the
+    background: started for the first test that asks for them (the CLI tests only), each one's output
+    written to a file (a full pipe cannot stall it), and waited on through `finished`."""
     base = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "PREFOPT_CACHE": str(base / "cache"), "WANDB_MODE": "disabled"}
     runs: dict[str, dict] = {}
-
-    def run(name: str, command: list[str]) -> None:
-        try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            runs[name] |= {"rc": done.returncode, "output": done.stdout + done.stderr}
-        except Exception as error:  # a thread's failure must reach the test, not leave it waiting
-            runs[name] |= {"rc": None, "output": f"{type(error).__name__}: {error}"}
-
-    threads = []
     for name, args in CLI_CASES.items():
         run_dir = base / name
         extra = [] if args == ["--help"] else ["logger=none", f"hydra.run.dir={run_dir}"]
-        runs[name] = {"run_dir": run_dir}
         command = [sys.executable, "-m", "prefopt", "train", *args, *extra]
-        threads.append(threading.Thread(target=run, args=(name, command), daemon=True))
-        threads[-1].start()
+        output = base / f"{name}.out"
+        with open(output, "w") as sink:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        runs[name] = {"run_dir": run_dir, "process": process, "output_file": output}
     yield runs
-    for thread in threads:
-        thread.join()
+    for run in runs.values():
+        if run["process"].poll() is None:
+            run["process"].kill()
+            run["process"].wait()
 
 
 def finished(runs: dict[str, dict], name: str) -> dict:
-    deadline = time.monotonic() + 320
-    while "rc" not in runs[name] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return runs[name]
+    """The run once its process has ended: its exit code and its output (stdout and stderr)."""
+    run = runs[name]
+    run["rc"] = exit_code(run["process"], 300, f"`prefopt train` ({name}) to end")
+    run["output"] = run["output_file"].read_text()
+    return run
 
 
 @pytest.mark.parametrize(("case", "named"), [("unknown_objective", "nonexistent"), ("bad_lr", "trainer.lr")])
