@@ -133,31 +133,34 @@ def test_hub_ids_and_existing_local_paths_pass_the_existence_check(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "named"),
     [
-        (["trainer.max_step=5"], "trainer.max_step: no such key; did you mean trainer.max_steps?"),
-        (["objective.bta=0.1"], "objective.bta: no such key; did you mean objective.beta?"),
-        (["objective=expo", "objective.lamm=1"], "did you mean objective.lam?"),
-        (["objectiv=dpo"], "objectiv: no such key; did you mean objective?"),
-        (["trainer.reference_fit.max_stp=3"], "did you mean trainer.reference_fit.max_steps?"),
-        (["hydra.run.dri=/tmp/x"], "did you mean hydra.run.dir?"),
-        (["trainer.zzzzzz=1"], "trainer.zzzzzz: no such key (to add a new one, write +trainer.zzzzzz=...)"),
-        (["objective=dpoo"], "objective=dpoo: no such option; did you mean objective=dpo?"),
+        (["trainer.max_step=5"], ["trainer.max_step", "trainer.max_steps"]),
+        (["objective.bta=0.1"], ["objective.bta", "objective.beta"]),
+        (["objective=expo", "objective.lamm=1"], ["objective.lamm", "objective.lam"]),
+        (["objectiv=dpo"], ["objectiv", "objective"]),
         (
-            ["aux_reward=[readability,lenght]"],
-            "aux_reward=lenght: no such option; did you mean aux_reward=length?",
+            ["trainer.reference_fit.max_stp=3"],
+            ["trainer.reference_fit.max_stp", "trainer.reference_fit.max_steps"],
         ),
-        (["+experiment=hpo_ax"], "did you mean experiment=hpo_aux?"),
-        (["-m", "objective=dpo,expo", "trainer.max_step=1"], "did you mean trainer.max_steps?"),
-        (["-m", "trainer.max_step=1,2"], "did you mean trainer.max_steps?"),
-        (["--cfg", "job", "objective.bta=1"], "did you mean objective.beta?"),
+        (["hydra.run.dri=/tmp/x"], ["hydra.run.dri", "hydra.run.dir"]),
+        (["trainer.zzzzzz=1"], ["trainer.zzzzzz", "+trainer.zzzzzz="]),  # no close match: how to add it
+        (["objective=dpoo"], ["objective=dpoo", "objective=dpo"]),
+        (["aux_reward=[readability,lenght]"], ["aux_reward=lenght", "aux_reward=length"]),
+        (["+experiment=hpo_ax"], ["experiment=hpo_ax", "experiment=hpo_aux"]),
+        (["-m", "objective=dpo,expo", "trainer.max_step=1"], ["trainer.max_step", "trainer.max_steps"]),
+        (["-m", "trainer.max_step=1,2"], ["trainer.max_step", "trainer.max_steps"]),
+        (["--cfg", "job", "objective.bta=1"], ["objective.bta", "objective.beta"]),
     ],
 )
-def test_a_typo_is_one_line_with_the_closest_match_and_exit_2(capsys, args: list[str], expected: str):
+def test_a_typo_is_one_line_with_the_closest_match_and_exit_2(capsys, args: list[str], named: list[str]):
+    """The promise is structure: exit 2, one line on stderr, naming the typo first and then the closest
+    existing key or option (the wording around them is free)."""
     assert cli.main(["train", *args]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: ")
-    assert expected in lines[0]
+    assert len(lines) == 1, lines
+    typo, match = named
+    assert typo in lines[0] and match in lines[0][lines[0].index(typo) + len(typo) :], lines[0]
 
 
 @pytest.mark.parametrize(
@@ -217,9 +220,8 @@ def cli_runs(tmp_path_factory) -> dict[str, dict]:
 def test_cli_a_missing_model_dir_is_one_line_exit_2_before_data_or_model_load(cli_runs):
     run = cli_runs["missing_model"]
     assert run["rc"] == 2
-    assert run["stderr"].splitlines() == [
-        f"prefopt: config error: model.name_or_path: the directory {MISSING} does not exist"
-    ]
+    lines = run["stderr"].splitlines()  # one line naming the key and the missing directory
+    assert len(lines) == 1 and "model.name_or_path" in lines[0] and MISSING in lines[0], run["stderr"]
     assert not (run["run_dir"] / "metrics.jsonl").exists()
     log = (run["run_dir"] / "train.log").read_text() if (run["run_dir"] / "train.log").exists() else ""
     assert "prefopt.engine.prepare" not in log  # it logs the data and the model as they load
@@ -228,9 +230,8 @@ def test_cli_a_missing_model_dir_is_one_line_exit_2_before_data_or_model_load(cl
 def test_cli_a_typo_is_one_line_exit_2_and_no_run_dir(cli_runs):
     run = cli_runs["typo"]
     assert run["rc"] == 2
-    assert run["stderr"].splitlines() == [
-        "prefopt: config error: trainer.max_step: no such key; did you mean trainer.max_steps?"
-    ]
+    lines = run["stderr"].splitlines()  # one line naming the typo and the closest key
+    assert len(lines) == 1 and "trainer.max_step:" in lines[0] and "trainer.max_steps" in lines[0], lines
     assert not run["run_dir"].exists()
 
 
