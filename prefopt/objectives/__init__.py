@@ -1,11 +1,13 @@
 """Objective registry: name -> Objective (pure loss function + hyperparameter dataclass).
 
 Add an objective by writing one module with a config dataclass, a `loss` function and `OBJECTIVE`, then
-listing it here. The loop reads `OBJECTIVES[name]` and never branches on the name.
+listing it here; from outside the package (a test, a research script), `register(name, OBJECTIVE)` before
+the config is loaded. The loop reads `OBJECTIVES[name]` and never branches on the name.
 """
 
 from prefopt.objectives import dpo, expo, expo_reg, fdpo, hpo, ipo, kto, sft, simpo
 from prefopt.objectives.base import (
+    BetaConfig,
     Extras,
     LossFn,
     Objective,
@@ -13,6 +15,9 @@ from prefopt.objectives.base import (
     ObjectiveOutput,
     PairLogps,
     Requirements,
+    positive,
+    require_kl,
+    require_reference,
 )
 
 OBJECTIVES: dict[str, Objective] = {
@@ -27,8 +32,19 @@ OBJECTIVES: dict[str, Objective] = {
     "hpo": hpo.OBJECTIVE,
 }
 
+
+def register(name: str, objective: Objective) -> None:
+    """Make `objective.name=<name>` select `objective`, as a built-in one; refuses a name already taken."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"register({name!r}, ...) takes an Objective, got {type(objective).__name__}")
+    if name in OBJECTIVES:
+        raise ValueError(f"objective {name!r} is already registered")
+    OBJECTIVES[name] = objective
+
+
 __all__ = [
     "OBJECTIVES",
+    "BetaConfig",
     "Extras",
     "LossFn",
     "Objective",
@@ -36,4 +52,8 @@ __all__ = [
     "ObjectiveOutput",
     "PairLogps",
     "Requirements",
+    "positive",
+    "register",
+    "require_kl",
+    "require_reference",
 ]

@@ -6,15 +6,20 @@ An objective is a pure function of log-prob tensors:
         -> ObjectiveOutput
 
 Its hyperparameters are a dataclass (the config schema); `requirements()` on that dataclass tells the
-training loop which extra inputs to provide, so the loop never branches on an objective's name.
+training loop which extra inputs to provide, so the loop never branches on an objective's name. The checks
+every objective shares are written once here: `positive` for a config field, `require_reference` and
+`require_kl` for the inputs a loss needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from torch import Tensor
+
+from prefopt.errors import ConfigFieldError
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,45 @@ class Requirements:
 class ObjectiveConfig:
     """Base hyperparameter schema. Fields marked `loop_only` steer the loop and are not passed to the loss."""
 
+    requires: ClassVar[Requirements] = Requirements()
+    """What the loop provides, declared per class; override `requirements()` only where a field decides it."""
+
     def requirements(self) -> Requirements:
-        return Requirements()
+        return self.requires
 
     def loss_kwargs(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("loop_only")}
+
+
+@dataclass
+class BetaConfig(ObjectiveConfig):
+    """Schema of an objective with an inverse temperature beta > 0 on its implied reward (the DPO family)."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward; larger keeps the policy closer to the reference."""
+
+    def __post_init__(self) -> None:
+        positive("beta", self.beta)
+
+
+def positive(name: str, value: float) -> None:
+    """A config field's check `value > 0`; the error names the field so the CLI can print its key."""
+    if value <= 0:
+        raise ConfigFieldError(name, f"must be > 0, got {value}")
+
+
+def require_reference(reference: PairLogps | None, objective: str) -> PairLogps:
+    """The reference log-probs, or a clear error when the loop did not provide them."""
+    if reference is None:
+        raise ValueError(f"{objective} needs reference log-probs (Requirements.reference=True)")
+    return reference
+
+
+def require_kl(extras: Extras, objective: str) -> Tensor:
+    """Extras.kl (B,), or a clear error when the loop did not provide it."""
+    if extras.kl is None:
+        raise ValueError(f"{objective} needs Extras.kl (Requirements.kl=True)")
+    return extras.kl
 
 
 LossFn = Callable[..., ObjectiveOutput]

@@ -18,30 +18,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.objectives.base import (
+    BetaConfig,
     Extras,
     Objective,
-    ObjectiveConfig,
     ObjectiveOutput,
     PairLogps,
-    Requirements,
+    require_reference,
 )
 
 
 @dataclass
-class DPOConfig(ObjectiveConfig):
-    beta: float = 0.1
-    """Inverse temperature of the implicit reward; larger keeps the policy closer to the reference."""
+class DPOConfig(BetaConfig):
+    """beta (> 0, from BetaConfig) and cDPO's label smoothing; needs reference log-probs."""
+
     label_smoothing: float = 0.0
     """cDPO: assumed probability that a preference label is flipped, in [0, 0.5); 0 gives plain DPO."""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        super().__post_init__()
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=True)
 
 
 def logratios(policy: PairLogps, reference: PairLogps) -> tuple[Tensor, Tensor]:
@@ -66,9 +62,7 @@ def pair_output(
     margin: Tensor | None = None,
 ) -> ObjectiveOutput:
     """cDPO on logits beta h - margin; margin (B,) or None. Shared with HPO's reward-margin base."""
-    if reference is None:
-        raise ValueError("dpo needs reference log-probs (Requirements.reference=True)")
-    r_w, r_l = logratios(policy, reference)  # (B,), (B,)
+    r_w, r_l = logratios(policy, require_reference(reference, "dpo"))  # (B,), (B,)
     logits = beta * (r_w - r_l)  # (B,)
     if margin is not None:
         logits = logits - margin

@@ -33,6 +33,7 @@ Implied rewards then: lp(y) / |y|.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,8 @@ from prefopt.objectives.base import (
     ObjectiveOutput,
     PairLogps,
     Requirements,
+    positive,
+    require_kl,
 )
 
 KL_ESTIMATOR_CHOICES = ("exact", "token", "samples")
@@ -54,6 +57,10 @@ KL_ESTIMATOR_CHOICES = ("exact", "token", "samples")
 
 @dataclass
 class EXPOConfig(ObjectiveConfig):
+    """lam (> 0) and how the loop estimates the KL; needs Extras.kl, no reference log-probs."""
+
+    requires = Requirements(reference=False, kl=True)
+
     lam: float = 0.1
     """Weight of KL(pi_ref || pi_theta); larger stays closer to the reference (not on DPO's beta scale)."""
     kl_estimator: str = field(default="exact", metadata={"loop_only": True})
@@ -72,11 +79,7 @@ class EXPOConfig(ObjectiveConfig):
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_CHOICES}, got {self.kl_estimator!r}")
         if self.kl_samples_per_prompt < 1:
             raise ValueError(f"kl_samples_per_prompt must be >= 1, got {self.kl_samples_per_prompt}")
-        if self.lam <= 0:  # lam = 0 drops the KL term: an unregularized objective, not EXPO
-            raise ConfigFieldError("lam", f"must be > 0, got {self.lam}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=False, kl=True)
+        positive("lam", self.lam)  # lam = 0 drops the KL term: an unregularized objective, not EXPO
 
     def loss_kwargs(self) -> dict:
         """The paper's form is called with lam alone; length_normalize is passed only when on."""
@@ -86,19 +89,38 @@ class EXPOConfig(ObjectiveConfig):
         return kwargs
 
 
-def require_kl(extras: Extras, name: str) -> Tensor:
-    """Extras.kl, or a clear error when the loop did not provide it."""
-    if extras.kl is None:
-        raise ValueError(f"{name} needs Extras.kl (Requirements.kl=True)")
-    return extras.kl
+def explicit_loss(
+    policy: PairLogps,
+    extras: Extras,
+    preference_term: Callable[[Tensor, Tensor], Tensor],
+    *,
+    objective: str,
+    metric: str,
+    lam: float,
+    length_normalize: bool,
+) -> ObjectiveOutput:
+    """The skeleton of expo and expo_reg: preference_term(d, p) + lam KL, per token when normalized.
+
+    preference_term maps the score difference d = s_w - s_l (B,) and the labels p (B,) to a loss (B,),
+    logged as `metric` next to the raw KL. Scores s are lp(y), or lp(y) / |y| with the KL over n."""
+    kl = require_kl(extras, objective)  # (B,)
+    s_w, s_l = policy.chosen, policy.rejected  # (B,) each
+    kl_scale = torch.ones_like(s_w)  # (B,)
+    if length_normalize:
+        n_w, n_l = extras.chosen_tokens, extras.rejected_tokens  # (B,)
+        s_w, s_l, kl_scale = s_w / n_w, s_l / n_l, 2 / (n_w + n_l)
+    term = preference_term(s_w - s_l, extras.labels)  # (B,)
+    return ObjectiveOutput(
+        losses=term + lam * kl_scale * kl,
+        chosen_rewards=s_w.detach(),
+        rejected_rewards=s_l.detach(),
+        metrics={"kl": kl.detach(), metric: term.detach()},
+    )
 
 
-def scores(policy: PairLogps, extras: Extras, length_normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(s_w, s_l, kl_scale), each (B,): lp(y) and 1, or lp(y) / |y| and 1 / mean(|y_w|, |y_l|)."""
-    if not length_normalize:
-        return policy.chosen, policy.rejected, torch.ones_like(policy.chosen)
-    n_w, n_l = extras.chosen_tokens, extras.rejected_tokens  # (B,)
-    return policy.chosen / n_w, policy.rejected / n_l, 2 / (n_w + n_l)
+def bradley_terry(d: Tensor, p: Tensor) -> Tensor:
+    """-[p log sigma(d) + (1 - p) log sigma(-d)], elementwise; (B,), (B,) -> (B,)."""
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))
 
 
 def loss(
@@ -110,17 +132,8 @@ def loss(
     length_normalize: bool = False,
 ) -> ObjectiveOutput:
     """EXPO loss per pair; log-probs, labels, kl, token counts (B,) -> losses (B,). `reference` is ignored."""
-    kl = require_kl(extras, "expo")  # (B,)
-    s_w, s_l, kl_scale = scores(policy, extras, length_normalize)  # (B,) each
-    d = s_w - s_l  # (B,)
-    p = extras.labels  # (B,)
-    bt = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))  # (B,)
-    return ObjectiveOutput(
-        losses=bt + lam * kl_scale * kl,
-        chosen_rewards=s_w.detach(),
-        rejected_rewards=s_l.detach(),
-        metrics={"kl": kl.detach(), "bt_loss": bt.detach()},
-    )
+    kw = dict(lam=lam, length_normalize=length_normalize)
+    return explicit_loss(policy, extras, bradley_terry, objective="expo", metric="bt_loss", **kw)
 
 
 OBJECTIVE = Objective(

@@ -18,15 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from prefopt.objectives.base import Extras, Objective, ObjectiveOutput, PairLogps
-from prefopt.objectives.expo import EXPOConfig, require_kl, scores
+from prefopt.objectives.expo import EXPOConfig, explicit_loss
 
 
 @dataclass
 class EXPORegConfig(EXPOConfig):
     """Same fields, defaults and requirements as `expo` (lam, kl_estimator, kl_samples_per_prompt,
     length_normalize)."""
+
+
+def squared_error(d: Tensor, p: Tensor) -> Tensor:
+    """(sigma(d) - p)^2, elementwise; (B,), (B,) -> (B,)."""
+    return (torch.sigmoid(d) - p) ** 2
 
 
 def loss(
@@ -38,15 +44,8 @@ def loss(
     length_normalize: bool = False,
 ) -> ObjectiveOutput:
     """Reconstructed EXPO regression loss; log-probs, labels, kl and token counts (B,) -> losses (B,)."""
-    kl = require_kl(extras, "expo_reg")  # (B,)
-    s_w, s_l, kl_scale = scores(policy, extras, length_normalize)  # (B,) each
-    sq = (torch.sigmoid(s_w - s_l) - extras.labels) ** 2  # (B,)
-    return ObjectiveOutput(
-        losses=sq + lam * kl_scale * kl,
-        chosen_rewards=s_w.detach(),
-        rejected_rewards=s_l.detach(),
-        metrics={"kl": kl.detach(), "sq_loss": sq.detach()},
-    )
+    kw = dict(lam=lam, length_normalize=length_normalize)
+    return explicit_loss(policy, extras, squared_error, objective="expo_reg", metric="sq_loss", **kw)
 
 
 OBJECTIVE = Objective(

@@ -22,26 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.objectives.base import (
+    BetaConfig,
     Extras,
     Objective,
-    ObjectiveConfig,
     ObjectiveOutput,
     PairLogps,
-    Requirements,
+    require_reference,
 )
 
 
 @dataclass
-class FDPOConfig(ObjectiveConfig):
-    beta: float = 0.1
-    """Inverse temperature on the Jensen-Shannon link t(y); larger stays closer to the reference."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=True)
+class FDPOConfig(BetaConfig):
+    """beta (> 0): inverse temperature on the Jensen-Shannon link t(y); needs reference log-probs."""
 
 
 def js_link(logps: Tensor, reference_logps: Tensor) -> Tensor:
@@ -51,8 +43,7 @@ def js_link(logps: Tensor, reference_logps: Tensor) -> Tensor:
 
 def loss(policy: PairLogps, reference: PairLogps | None, extras: Extras, *, beta: float) -> ObjectiveOutput:
     """f-DPO (JS) loss per pair (see the module docstring); log-probs (B,) -> losses (B,)."""
-    if reference is None:
-        raise ValueError("fdpo needs reference log-probs (Requirements.reference=True)")
+    reference = require_reference(reference, "fdpo")
     t_w = js_link(policy.chosen, reference.chosen)  # (B,)
     t_l = js_link(policy.rejected, reference.rejected)  # (B,)
     return ObjectiveOutput(

@@ -31,26 +31,18 @@ from torch import Tensor
 
 from prefopt.errors import ConfigFieldError
 from prefopt.objectives import dpo, kto
-from prefopt.objectives.base import (
-    Extras,
-    Objective,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    PairLogps,
-    Requirements,
-)
+from prefopt.objectives.base import Extras, Objective, ObjectiveOutput, PairLogps, Requirements
 
 BASES = ("dpo", "kto")
 
 
 @dataclass
-class HPOConfig(ObjectiveConfig):
+class HPOConfig(dpo.DPOConfig):
+    """DPO's beta (> 0, the base loss's inverse temperature) and label_smoothing (the dpo base's), plus the
+    base, its reward margin, KTO's weights and the actor and value terms."""
+
     base: str = "dpo"
     """Base preference loss: dpo | kto."""
-    beta: float = 0.1
-    """Inverse temperature of the base loss's implicit reward."""
-    label_smoothing: float = 0.0
-    """cDPO label smoothing of the dpo base, in [0, 0.5)."""
     margin_alpha: float = 0.0
     """alpha: auxiliary-reward margin inside the dpo base, beta h - alpha (R_w - R_l); dpo base only."""
     desirable_weight: float = 1.0
@@ -79,7 +71,7 @@ class HPOConfig(ObjectiveConfig):
             raise ValueError(f"expectile must be in (0, 1), got {self.expectile}")
         if self.max_weight is not None and not self.max_weight > 0:
             raise ConfigFieldError("max_weight", f"must be > 0 (or null: unclipped), got {self.max_weight}")
-        dpo.DPOConfig(beta=self.beta, label_smoothing=self.label_smoothing)  # validates both
+        super().__post_init__()  # beta and label_smoothing, as DPO's
 
     def requirements(self) -> Requirements:
         return Requirements(reference=True, aux_reward=True, value_head=True, mismatched=self.base == "kto")

@@ -16,34 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefopt.objectives.base import (
+    BetaConfig,
     Extras,
     Objective,
-    ObjectiveConfig,
     ObjectiveOutput,
     PairLogps,
-    Requirements,
+    require_reference,
 )
 from prefopt.objectives.dpo import logratios
 
 
 @dataclass
-class IPOConfig(ObjectiveConfig):
-    beta: float = 0.1
-    """Regularization strength; the target log-ratio margin is 1 / (2 beta)."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=True)
+class IPOConfig(BetaConfig):
+    """beta (> 0): regularization strength, the target log-ratio margin is 1 / (2 beta); needs reference
+    log-probs."""
 
 
 def loss(policy: PairLogps, reference: PairLogps | None, extras: Extras, *, beta: float) -> ObjectiveOutput:
     """IPO loss per pair (see the module docstring); log-probs (B,) -> losses (B,)."""
-    if reference is None:
-        raise ValueError("ipo needs reference log-probs (Requirements.reference=True)")
-    r_w, r_l = logratios(policy, reference)  # (B,), (B,)
+    r_w, r_l = logratios(policy, require_reference(reference, "ipo"))  # (B,), (B,)
     return ObjectiveOutput(
         losses=(r_w - r_l - 1 / (2 * beta)) ** 2,
         chosen_rewards=(beta * r_w).detach(),

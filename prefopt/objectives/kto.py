@@ -25,31 +25,28 @@ import torch
 from torch import Tensor
 
 from prefopt.objectives.base import (
+    BetaConfig,
     Extras,
     Objective,
-    ObjectiveConfig,
     ObjectiveOutput,
     PairLogps,
     Requirements,
+    require_reference,
 )
 from prefopt.objectives.dpo import logratios
 
 
 @dataclass
-class KTOConfig(ObjectiveConfig):
-    beta: float = 0.1
-    """Inverse temperature of the value function; larger keeps the policy closer to the reference."""
+class KTOConfig(BetaConfig):
+    """beta (> 0): inverse temperature of the value function; needs reference log-probs and the mismatched
+    log-ratios of responses paired with another prompt."""
+
+    requires = Requirements(reference=True, mismatched=True)
+
     desirable_weight: float = 1.0
     """lambda_D: weight on the losses of desirable (chosen) responses."""
     undesirable_weight: float = 1.0
     """lambda_U: weight on the losses of undesirable (rejected) responses."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=True, mismatched=True)
 
 
 def kl_baseline(mismatched_logratios: Tensor | None) -> Tensor:
@@ -84,9 +81,7 @@ def loss(
     undesirable_weight: float,
 ) -> ObjectiveOutput:
     """Paired KTO loss (see the module docstring); log-probs (B,), mismatched (M,) -> losses (B,)."""
-    if reference is None:
-        raise ValueError("kto needs reference log-probs (Requirements.reference=True)")
-    r_w, r_l = logratios(policy, reference)  # (B,), (B,)
+    r_w, r_l = logratios(policy, require_reference(reference, "kto"))  # (B,), (B,)
     z = kl_baseline(extras.mismatched_logratios)  # ()
     weights = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     l_w = response_losses(r_w, torch.ones_like(r_w, dtype=torch.bool), z, **weights)  # (B,)

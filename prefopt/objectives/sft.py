@@ -22,10 +22,9 @@ from prefopt.objectives.base import (
 
 @dataclass
 class SFTConfig(ObjectiveConfig):
-    """SFT has no hyperparameters."""
+    """SFT has no hyperparameters and needs no reference."""
 
-    def requirements(self) -> Requirements:
-        return Requirements(reference=False)
+    requires = Requirements(reference=False)
 
 
 def loss(policy: PairLogps, reference: PairLogps | None, extras: Extras) -> ObjectiveOutput:

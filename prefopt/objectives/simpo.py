@@ -15,29 +15,19 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from prefopt.objectives.base import (
-    Extras,
-    Objective,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    PairLogps,
-    Requirements,
-)
+from prefopt.objectives.base import BetaConfig, Extras, Objective, ObjectiveOutput, PairLogps, Requirements
 
 
 @dataclass
-class SimPOConfig(ObjectiveConfig):
+class SimPOConfig(BetaConfig):
+    """beta (> 0) on SimPO's own scale and the target margin gamma; reference-free."""
+
+    requires = Requirements(reference=False)
+
     beta: float = 2.0
     """Scale of the length-normalized reward beta lp(y)/|y| (on its own scale, not the common strength)."""
     gamma: float = 0.5
     """Target reward margin subtracted inside the sigmoid (absolute, in reward units)."""
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-    def requirements(self) -> Requirements:
-        return Requirements(reference=False)
 
 
 def loss(
