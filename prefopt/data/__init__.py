@@ -6,10 +6,6 @@ P(chosen preferred), optional scores and metadata) and reports what it read (`Te
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from prefopt.data.hh_rlhf import HHConfig, load_hh_rlhf
@@ -18,6 +14,7 @@ from prefopt.data.mixture import MixtureConfig, load_mixture
 from prefopt.data.oasst import OASSTConfig, load_oasst
 from prefopt.data.pairs import TextData, TextPairs
 from prefopt.data.preference import PreferenceFileConfig, load_preference
+from prefopt.data.registry import DATASETS, DatasetSpec
 from prefopt.data.shp import SHPConfig, load_shp
 from prefopt.data.synthetic import SyntheticConfig, build_task
 from prefopt.data.ultrafeedback import UltraFeedbackConfig, load_ultrafeedback
@@ -43,27 +40,32 @@ def load_synthetic(cfg: SyntheticConfig, seed: int) -> TextData:
     return TextData(train, held_out, cfg.max_prompt_tokens, cfg.max_response_tokens, task)
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    config: type
-    load: Callable[[Any, int], TextData]
-    description: str
-    ground_truth: bool = False  # the task knows pi*, pi_ref and the oracle (exact metrics, reference fit)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "synthetic": DatasetSpec(
-        SyntheticConfig, load_synthetic, "generated task with known pi*, pi_ref, oracle", ground_truth=True
-    ),
-    "preference": DatasetSpec(
-        PreferenceFileConfig, load_preference, "your prompt/chosen/rejected files (jsonl/json/parquet/csv)"
-    ),
-    "hh_rlhf": DatasetSpec(HHConfig, load_hh_rlhf, "Anthropic/hh-rlhf dialogues (helpful, harmless)"),
-    "ultrafeedback": DatasetSpec(
-        UltraFeedbackConfig, load_ultrafeedback, "HuggingFaceH4/ultrafeedback_binarized, chat pairs + scores"
-    ),
-    "shp": DatasetSpec(SHPConfig, load_shp, "stanfordnlp/SHP Reddit comment pairs, score-ratio filtered"),
-    "oasst": DatasetSpec(OASSTConfig, load_oasst, "OpenAssistant/oasst1 ranked sibling replies as pairs"),
-    "imdb": DatasetSpec(IMDbConfig, load_imdb, "stanfordnlp/imdb review prefixes; precomputed pairs for now"),
-    "mixture": DatasetSpec(MixtureConfig, load_mixture, "weighted mixture of the above (HH + OASST + SHP)"),
-}
+DATASETS.update(  # the registry lives in prefopt.data.registry, so that the mixture can read it
+    {
+        "synthetic": DatasetSpec(
+            SyntheticConfig,
+            load_synthetic,
+            "generated task with known pi*, pi_ref, oracle",
+            ground_truth=True,
+        ),
+        "preference": DatasetSpec(
+            PreferenceFileConfig,
+            load_preference,
+            "your prompt/chosen/rejected files (jsonl/json/parquet/csv)",
+        ),
+        "hh_rlhf": DatasetSpec(HHConfig, load_hh_rlhf, "Anthropic/hh-rlhf dialogues (helpful, harmless)"),
+        "ultrafeedback": DatasetSpec(
+            UltraFeedbackConfig,
+            load_ultrafeedback,
+            "HuggingFaceH4/ultrafeedback_binarized, chat pairs + scores",
+        ),
+        "shp": DatasetSpec(SHPConfig, load_shp, "stanfordnlp/SHP Reddit comment pairs, score-ratio filtered"),
+        "oasst": DatasetSpec(OASSTConfig, load_oasst, "OpenAssistant/oasst1 ranked sibling replies as pairs"),
+        "imdb": DatasetSpec(
+            IMDbConfig, load_imdb, "stanfordnlp/imdb review prefixes; precomputed pairs for now"
+        ),
+        "mixture": DatasetSpec(
+            MixtureConfig, load_mixture, "weighted mixture of the above (HH + OASST + SHP)"
+        ),
+    }
+)

@@ -22,12 +22,12 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from prefopt.data.pairs import TextData, TextPairs, concat_pairs
+from prefopt.data.registry import DATASETS
 from prefopt.data.source import check_token_limits
 from prefopt.errors import ConfigFieldError
+from prefopt.schema import build
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,6 @@ class MixtureConfig:
                 raise type(error)(f"sources.{source.label}.{error.field}", str(error)) from None
 
     def _source(self, label: str, options: Any) -> MixtureSource:
-        from prefopt.data import DATASETS
-
         where = f"sources.{label}"
         if not isinstance(options, dict):
             raise ConfigFieldError(where, "expected {name: <dataset>, weight: <share>, ...its options}")
@@ -93,10 +91,7 @@ class MixtureConfig:
             options["chat"] = self.chat
         options["strict"] = bool(options.get("strict")) or self.strict
         try:
-            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), options))
-        except OmegaConfBaseException as error:
-            key = getattr(error, "full_key", None) or "?"
-            raise ConfigFieldError(f"{where}.{key}", str(error).splitlines()[0]) from None
+            config = build(schema, options, f"dataset.{where}")
         except ConfigFieldError as error:
             raise ConfigFieldError(f"{where}.{error.field}", str(error)) from None
         return MixtureSource(label, name, float(weight), config)
@@ -145,8 +140,6 @@ def _check_format(parts: dict[str, TextData]) -> None:
 
 
 def load_mixture(cfg: MixtureConfig, seed: int) -> TextData:
-    from prefopt.data import DATASETS
-
     seed = cfg.seed if cfg.seed is not None else seed
     parts = {s.label: DATASETS[s.name].load(s.config, seed) for s in cfg.parsed}
     _check_format(parts)

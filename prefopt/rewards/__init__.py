@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from prefopt.errors import ConfigError
 from prefopt.rewards.base import (
     AuxReward,
     CompositeReward,
@@ -23,6 +24,7 @@ from prefopt.rewards.custom import CUSTOM, resolve_callable
 from prefopt.rewards.oracle import ORACLE
 from prefopt.rewards.text import KEYWORD, LENGTH, READABILITY
 from prefopt.rewards.vader import VADER
+from prefopt.schema import did_you_mean
 
 AUX_REWARDS: dict[str, AuxReward] = {
     "length": LENGTH,
@@ -37,24 +39,34 @@ AUX_REWARDS: dict[str, AuxReward] = {
 }
 
 
-def build_aux_reward(
-    cfg: Mapping[str, Mapping[str, Any]] | None, context: Any = None
-) -> CompositeReward | None:
-    """Validates the `aux_reward` config (name -> fields) and builds R; None when no reward is selected.
+def validate_aux_rewards(cfg: Mapping[str, Any] | None, *, preflight: bool = True) -> dict[str, RewardConfig]:
+    """The `aux_reward` config (name -> fields) as name -> validated schema instance, each the one way
+    (`validate_config`); a value that is a RewardConfig already (RunConfig.aux_reward_configs) is kept."""
+    configs: dict[str, RewardConfig] = {}
+    for name, raw in (cfg or {}).items():
+        if name not in AUX_REWARDS:
+            hint = did_you_mean(name, AUX_REWARDS)
+            raise ConfigError(
+                f"aux_reward.{name}: unknown auxiliary reward{hint} (one of {sorted(AUX_REWARDS)})"
+            )
+        schema = AUX_REWARDS[name].config
+        valid = isinstance(raw, schema)
+        configs[name] = raw if valid else validate_config(name, schema, raw, preflight=preflight)
+    return configs
+
+
+def build_aux_reward(cfg: Mapping[str, Any] | None, context: Any = None) -> CompositeReward | None:
+    """Builds R from the `aux_reward` config: name -> fields (validated here) or name -> a validated
+    RewardConfig (`RunConfig.aux_reward_configs`, not validated again); None when none is selected.
 
     `context` carries what a reward may need beyond its config, e.g. the synthetic task for `oracle`.
     """
-    components: dict[str, RewardFn] = {}
-    weights: dict[str, float] = {}
-    for name, raw in (cfg or {}).items():
-        if name not in AUX_REWARDS:
-            raise ValueError(
-                f"aux_reward.{name}: unknown auxiliary reward; choose from {sorted(AUX_REWARDS)}"
-            )
-        entry = AUX_REWARDS[name]
-        config = validate_config(name, entry.config, raw)
-        components[name] = NamedReward(f"aux_reward.{name}", entry.build(config, context))
-        weights[name] = config.weight
+    configs = validate_aux_rewards(cfg, preflight=False)
+    components: dict[str, RewardFn] = {
+        name: NamedReward(f"aux_reward.{name}", AUX_REWARDS[name].build(config, context))
+        for name, config in configs.items()
+    }
+    weights = {name: config.weight for name, config in configs.items()}
     return CompositeReward(components, weights) if components else None
 
 
@@ -68,4 +80,6 @@ __all__ = [
     "build_aux_reward",
     "resolve_callable",
     "score_responses",
+    "validate_aux_rewards",
+    "validate_config",
 ]

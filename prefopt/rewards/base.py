@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from prefopt.errors import ConfigFieldError
+from prefopt.schema import validate
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -42,16 +40,12 @@ class AuxReward:
     description: str  # one line, with the formula
 
 
-def validate_config(name: str, schema: type[RewardConfig], raw: Mapping[str, Any] | None) -> RewardConfig:
-    """Checks `raw` against `schema`, returns a schema instance; errors name `aux_reward.<name>.<field>`."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), raw or {})
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        message = str(e).splitlines()[0]
-        raise ValueError(f"aux_reward.{name}.{e.full_key}: {message}") from e
-    except ConfigFieldError as e:
-        raise ValueError(f"aux_reward.{name}.{e.field}: {e}") from e
+def validate_config(
+    name: str, schema: type[RewardConfig], raw: Mapping[str, Any] | None, *, preflight: bool = False
+) -> RewardConfig:
+    """Checks `raw` against `schema`, returns a schema instance; errors (ConfigError, a ValueError) name
+    `aux_reward.<name>.<field>`. `preflight`: also check what it names on this machine (a local model)."""
+    return validate(schema, raw or {}, f"aux_reward.{name}", preflight=preflight)
 
 
 @dataclass(frozen=True)

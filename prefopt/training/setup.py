@@ -23,10 +23,19 @@ def _rmsprop(groups, cfg, device):
 
 
 OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer -> (groups, cfg, device) -> optimizer
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # what trainer.optimizer accepts (TrainerConfig's check reads it)
 
 
 def trainable_params(module) -> list:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def build_optimizer(parts: dict, trainer, device) -> tuple[torch.optim.Optimizer, list]:
+    """`trainer.optimizer` over what the parts declare trainable (`PreparedRun.trainable`: name ->
+    TrainablePart), one parameter group per part with the options it declares; and the parameters."""
+    groups = [{"params": trainable_params(part.module), **part.optimizer_options} for part in parts.values()]
+    params = [p for group in groups for p in group["params"]]
+    return OPTIMIZERS[trainer.optimizer](groups, trainer, device), params
 
 
 def max_grad_norm(trainer) -> float:
