@@ -104,15 +104,14 @@ def test_each_rank_takes_an_equal_contiguous_share_of_the_steps_pairs():
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
-    from prefopt.config import TrainerConfig
     from prefopt.engine import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: World(0, 2))
     with pytest.raises(ValueError, match="trainer.batch_size"):
-        distributed.check_divisible(7, TrainerConfig(batch_size=7))
+        distributed.check_divisible(7, 7)  # pairs per step, pairs per micro-batch
     with pytest.raises(ValueError, match="trainer.micro_batch_size"):
-        distributed.check_divisible(8, TrainerConfig(batch_size=8, micro_batch_size=3))
-    distributed.check_divisible(8, TrainerConfig(batch_size=8, micro_batch_size=2))
+        distributed.check_divisible(8, 3)
+    distributed.check_divisible(8, 2)
 
 
 def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypatch):

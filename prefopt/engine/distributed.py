@@ -247,10 +247,9 @@ def strategy_of(trainer) -> str:
     return "fsdp" if trainer.strategy == "auto" else trainer.strategy
 
 
-def check_divisible(pairs_per_step: int, trainer) -> None:
+def check_divisible(pairs_per_step: int, micro: int) -> None:
     """Every rank must run the same number of forward passes (they meet in collectives)."""
     size = world().size
-    micro = trainer.micro_batch_size or trainer.batch_size
     if size > 1 and (pairs_per_step % size or (pairs_per_step // size) % min(micro, pairs_per_step // size)):
         raise ValueError(
             f"trainer.batch_size: {pairs_per_step} pairs per step do not split evenly over {size} ranks "

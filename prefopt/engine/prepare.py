@@ -20,6 +20,7 @@ from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
 from prefopt.data.tokenization import render_prompt
 from prefopt.engine.distributed import my_share, sum_across_ranks
+from prefopt.engine.kl_estimators import KL_ESTIMATORS, NO_KL, KLSetup
 from prefopt.engine.reference_cache import cached_reference_logps, free_memory
 from prefopt.engine.reference_fit import (
     cache_key,
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 COMPILED_WIDTH_MULTIPLE = 64  # packed row widths under trainer.compile: few shapes, few recompilations
 
 
+@dataclass(frozen=True)
+class TrainablePart:
+    """A module the optimizer updates, with the options of its parameter group (lr, weight decay)."""
+
+    module: torch.nn.Module
+    optimizer_options: dict
+
+
 @dataclass
 class PreparedRun:
     policy: torch.nn.Module
@@ -56,28 +65,76 @@ class PreparedRun:
     data_report: dict = field(default_factory=dict)  # loading and tokenization counts, for summary.json
     reference: object = None  # the frozen pi_ref (a model, or the policy with its adapters disabled)
     aux_reward: object = None  # the CompositeReward R, for scoring generated text
+    trainable: dict[str, TrainablePart] = field(default_factory=dict)  # what the optimizer updates
 
 
 def prepare(rc: RunConfig, device) -> PreparedRun:
-    text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
-    log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
-    aux_reward = build_aux_reward(rc.aux_reward, text.task)  # fails on a bad reward before the model loads
-    request = text.pairs_from_samples
-    if request is not None and (aux_reward is None or request.scorer not in aux_reward.components):
-        raise ValueError(
-            f"dataset.scorer={request.scorer}: the pairs are ranked by that aux reward; configure it "
-            f"(aux_reward={request.scorer}) or give precomputed pairs with dataset.pairs_path"
-        )
+    """Data, aux reward, model, tokens, reference (fitted where the task has one), the caches the loop
+    reads, and the trainable parts; each part is asked for what it declares."""
+    text, aux_reward = _load_data(rc)
     needs = rc.objective.requirements()
-    kl_estimator = getattr(rc.objective, "kl_estimator", None) if needs.kl else None
-    if kl_estimator == "exact" and text.task is None:
-        raise ValueError("objective.kl_estimator=exact needs an enumerable response set (dataset=synthetic)")
+    estimator = KL_ESTIMATORS[rc.objective.kl_estimator] if needs.kl else NO_KL
+    estimator.check(enumerates_responses=text.task is not None)
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     policy.to(device)
     if text.pairs_from_samples is not None:  # the data's pairs come from the starting model's samples
         text = pairs_from_model_samples(text, policy, tokenizer, aux_reward, device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
+    table, train, held_out = _tokenize(tokenizer, text)
+    candidates = _candidates(table, text.task) if text.task is not None else None
+    if needs.mismatched:
+        for split in (train, held_out):
+            split.mismatched = _mismatched(table, split, rc.seed)
+    fit_report = None
+    if _wants_reference_fit(rc, text.task):
+        fit_report = _fit_reference(rc, policy, table, candidates, text.task, device)
+    reference = _reference(rc, policy, device)
+    kl_side = estimator.side_sequences(_kl_setup(rc, table, text, candidates, reference, device))
+    packing = _packing(rc.trainer)
+    reference_logps, reference_cache = _reference_logps(rc, reference, table, packing, device)
+    keeps_reference = estimator.reads_reference_model
+    if not keeps_reference and not rc.eval.generate:  # nothing reads the model after this pass
+        reference = None
+        free_memory(device)
+    aux_rewards, aux_components = _aux_scores(aux_reward, table, device)
+    trainable = _trainable_parts(rc, policy, needs, device)
+    inputs = LossInputs(
+        objective=OBJECTIVES[rc.objective_name],
+        hparams=rc.objective,
+        reference_logps=reference_logps,
+        aux_rewards=aux_rewards,
+        reference_model=reference if keeps_reference else None,
+        value_head=trainable["value_head"].module if "value_head" in trainable else None,
+        kl_estimator=estimator,
+        chunk_tokens=rc.trainer.logps_chunk_tokens,
+        aux_components=aux_components,
+        packing=packing,
+        policy_is_reference=not getattr(rc.model, "reference_name_or_path", None),  # pi_ref = pi_theta0
+    )
+    report = {**text.report, "train_pairs": len(train), "eval_pairs": len(held_out)}
+    report |= {"tokenization": table.counts.as_dict(), "reference_logps_cache": reference_cache}
+    return PreparedRun(
+        policy, tokenizer, table, train, held_out, text.task, candidates, kl_side, inputs, fit_report,
+        aux_components, report, reference, aux_reward, trainable,
+    )  # fmt: skip
+
+
+def _load_data(rc: RunConfig) -> tuple[TextData, object]:
+    """The dataset's text pairs and the aux reward R (a bad reward fails here, before the model loads)."""
+    text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
+    log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
+    aux_reward = build_aux_reward(rc.aux_reward, text.task)
+    request = text.pairs_from_samples
+    if request is not None and (aux_reward is None or request.scorer not in aux_reward.components):
+        raise ValueError(
+            f"dataset.scorer={request.scorer}: the pairs are ranked by that aux reward; configure it "
+            f"(aux_reward={request.scorer}) or give precomputed pairs with dataset.pairs_path"
+        )
+    return text, aux_reward
+
+
+def _tokenize(tokenizer, text: TextData) -> tuple[SequenceTable, PairSplit, PairSplit]:
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
     train, held_out = _split(table, text.train, "train"), _split(table, text.eval, "eval")
     log.info(
@@ -89,31 +146,24 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         table.counts.prompts_cut,
         table.counts.responses_cut,
     )
-    candidates = _candidates(table, text.task) if text.task is not None else None
-    if needs.mismatched:
-        for split in (train, held_out):
-            split.mismatched = _mismatched(table, split, rc.seed)
+    return table, train, held_out
 
-    fit_report = None
-    if _wants_reference_fit(rc, text.task):
-        fit_report = _fit_reference(rc, policy, table, candidates, text.task, device)
-    reference = _reference(rc, policy, device)
-    kl_side = None
-    if kl_estimator == "exact":
-        kl_side = {int(table.prompt(p)): candidates[i].tolist() for i, p in enumerate(text.task.prompts)}
-    elif kl_estimator == "samples":
-        kl_side = _reference_samples(reference, table, rc.objective.kl_samples_per_prompt, rc.seed, device)
 
-    chunk, packing = (
-        rc.trainer.logps_chunk_tokens,
-        Packing(
-            rc.trainer.packing,
-            rc.trainer.pack_tokens,
-            COMPILED_WIDTH_MULTIPLE if rc.trainer.compile else 1,
-            rc.trainer.share_prompts,
-        ),
-    )
-    reference_logps, reference_cache = cached_reference_logps(
+def _kl_setup(rc: RunConfig, table, text: TextData, candidates, reference, device) -> KLSetup:
+    prompts = text.task.prompts if candidates is not None else []
+    per_prompt = getattr(rc.objective, "kl_samples_per_prompt", 0)  # the objectives with a KL term have it
+    return KLSetup(table, prompts, candidates, reference, per_prompt, rc.seed, device)
+
+
+def _packing(trainer) -> Packing:
+    width = COMPILED_WIDTH_MULTIPLE if trainer.compile else 1
+    return Packing(trainer.packing, trainer.pack_tokens, width, trainer.share_prompts)
+
+
+def _reference_logps(rc: RunConfig, reference, table, packing: Packing, device) -> tuple[Tensor, str]:
+    """(S,) the reference's log-prob of every table sequence, from the cache when it holds them."""
+    chunk = rc.trainer.logps_chunk_tokens
+    return cached_reference_logps(
         reference,
         table,
         lambda: _all_sequence_logps(reference, table, chunk, device, packing),
@@ -123,59 +173,29 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         precision=rc.trainer.precision,
         packing=[packing.mode, packing.pack_tokens, packing.shares_prompts(reference, device)],
     )
-    if kl_estimator != "token" and not rc.eval.generate:  # nothing reads the model after this pass
-        reference = None
-        free_memory(device)
-    aux_rewards, aux_components = None, {}
-    if aux_reward is not None:
-        prompts, responses = table.texts(list(range(len(table))))
-        scores = {
-            name: score_responses(reward, prompts, responses, progress=progress_enabled())
-            for name, reward in aux_reward.components.items()
-        }
-        as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
-        aux_rewards = as_tensor(aux_reward.combine(scores))
-        aux_components = {name: as_tensor(values) for name, values in scores.items()}
-    elif needs.aux_reward:
-        raise ValueError(f"objective={rc.objective_name} needs an auxiliary reward: set aux_reward=<name>")
-    value_head = None
+
+
+def _aux_scores(aux_reward, table: SequenceTable, device) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """R (S,) and each unweighted r_k (S,) of every table sequence; (None, {}) without an aux reward."""
+    if aux_reward is None:
+        return None, {}
+    prompts, responses = table.texts(list(range(len(table))))
+    scores = {
+        name: score_responses(reward, prompts, responses, progress=progress_enabled())
+        for name, reward in aux_reward.components.items()
+    }
+    as_tensor = lambda values: torch.as_tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    return as_tensor(aux_reward.combine(scores)), {name: as_tensor(v) for name, v in scores.items()}
+
+
+def _trainable_parts(rc: RunConfig, policy, needs, device) -> dict[str, TrainablePart]:
+    """The policy, and a value head where the objective declares one (its own learning rate; the
+    optimizer's default weight decay)."""
+    parts = {"policy": TrainablePart(policy, {"lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay})}
     if needs.value_head:
-        value_head = ValueHead(policy.config.hidden_size, rc.trainer.value_head_width).to(device)
-    inputs = LossInputs(
-        objective=OBJECTIVES[rc.objective_name],
-        hparams=rc.objective,
-        reference_logps=reference_logps,
-        aux_rewards=aux_rewards,
-        reference_model=reference if kl_estimator == "token" else None,
-        value_head=value_head,
-        kl_estimator=kl_estimator,
-        chunk_tokens=chunk,
-        aux_components=aux_components,
-        packing=packing,
-        policy_is_reference=not getattr(rc.model, "reference_name_or_path", None),  # pi_ref = pi_theta0
-    )
-    return PreparedRun(
-        policy=policy,
-        tokenizer=tokenizer,
-        table=table,
-        train=train,
-        eval=held_out,
-        task=text.task,
-        candidates=candidates,
-        kl_side=kl_side,
-        inputs=inputs,
-        reference_fit=fit_report,
-        aux_components=aux_components,
-        reference=reference,
-        aux_reward=aux_reward,
-        data_report={
-            **text.report,
-            "train_pairs": len(train),
-            "eval_pairs": len(held_out),
-            "tokenization": table.counts.as_dict(),
-            "reference_logps_cache": reference_cache,  # hit | miss | off
-        },
-    )
+        head = ValueHead(policy.config.hidden_size, rc.trainer.value_head_width).to(device)
+        parts["value_head"] = TrainablePart(head, {"lr": rc.trainer.value_head_lr})
+    return parts
 
 
 def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
@@ -355,31 +375,3 @@ def _all_sequence_logps(
     for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
         logps[part.to(device)] = packing.logps(model, table.pad(part).to(device), chunk_tokens)
     return sum_across_ranks(logps)  # each rank computed its share of the passes
-
-
-@torch.no_grad()
-def _reference_samples(
-    reference, table: SequenceTable, per_prompt: int, seed: int, device
-) -> dict[int, list[int]]:
-    """Sample `per_prompt` responses per prompt from the frozen reference, once; they join the table."""
-    torch.manual_seed(seed)
-    eos, side = table.tokenizer.eos_token_id, {}
-    for prompt_id, prompt_ids in enumerate(list(table.prompt_ids)):
-        prompt = torch.tensor([prompt_ids], device=device)
-        generated = reference.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=table.max_response_tokens,
-            num_return_sequences=per_prompt,
-            pad_token_id=table.tokenizer.pad_token_id,
-            eos_token_id=eos,
-        )[:, prompt.shape[1] :]
-        side[prompt_id] = []
-        for row in generated.tolist():
-            ids = row[: row.index(eos) + 1] if eos in row else row
-            text = table.tokenizer.decode(ids, skip_special_tokens=True)
-            side[prompt_id].append(table.sequence(prompt_id, table.response(text, ids=ids)))
-    return side

@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from prefopt.data.batching import Batch
 from prefopt.data.layout import Packing
-from prefopt.engine.kl import KL_ESTIMATORS
-from prefopt.models.logps import CHUNK_TOKENS, hidden_states, sequence_logps, token_kl
-from prefopt.models.packing_support import supports_packing
+from prefopt.engine.kl_estimators import NO_KL, StepView
+from prefopt.models.logps import CHUNK_TOKENS, hidden_states, sequence_logps
 from prefopt.models.value_head import last_prompt_hidden
 from prefopt.objectives import Extras, Objective, ObjectiveConfig, ObjectiveOutput, PairLogps
 
@@ -30,7 +28,7 @@ class LossInputs:
     aux_rewards: Tensor | None  # (S,) R(x, y) per table sequence, on device
     reference_model: nn.Module | None = None  # live frozen reference (token-level KL only)
     value_head: nn.Module | None = None
-    kl_estimator: str | None = None  # exact | samples | token, when the objective needs a KL
+    kl_estimator: object = NO_KL  # a KL_ESTIMATORS part, when the objective needs a KL
     chunk_tokens: int = CHUNK_TOKENS
     aux_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (S,) unweighted r_k
     packing: Packing = Packing()  # padded batch rows -> the rows each model's decoder reads
@@ -96,29 +94,9 @@ def _mismatched(logps: Tensor, row_reference: Tensor, batch: Batch, device) -> T
 
 
 def _kl(policy, hidden, logps, row_reference, rows, batch: Batch, inputs: LossInputs, device) -> Tensor:
-    """(B,) estimate of KL(pi_ref(.|x) || pi_theta(.|x)) for each pair's prompt."""
-    if inputs.kl_estimator == "token":  # over the pair's own responses, full vocabulary per position
-        reference = inputs.reference_model
-        same_layout = supports_packing(reference, device) == supports_packing(policy, device)
-        reference_rows = (
-            rows if same_layout else inputs.packing.arrange(batch.rows, reference, device).to(device)
-        )
-        with torch.no_grad():
-            reference_hidden = hidden_states(reference, reference_rows)
-        per_row = token_kl(
-            policy.get_output_embeddings(),
-            hidden,
-            reference.get_output_embeddings(),
-            reference_hidden,
-            rows,
-            inputs.chunk_tokens,
-            reference_rows,
-        )
-        return 0.5 * (per_row[batch.chosen_rows.to(device)] + per_row[batch.rejected_rows.to(device)])
-    side, groups = batch.kl_rows.to(device), batch.kl_groups.to(device)
-    estimate = KL_ESTIMATORS[inputs.kl_estimator]
-    per_group = estimate(logps[side], row_reference[side], groups, int(groups.max()) + 1)
-    return per_group[batch.example_groups.to(device)]
+    """(B,) estimate of KL(pi_ref(.|x) || pi_theta(.|x)) for each pair's prompt, by the run's estimator."""
+    view = StepView(policy, hidden, logps, row_reference, rows, batch, inputs, device)
+    return inputs.kl_estimator.estimate(view)
 
 
 def _metric_sums(

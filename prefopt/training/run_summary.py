@@ -23,8 +23,9 @@ CLOSING_ROWS = {  # the closing summary: reference (step 0) beside final
 }
 
 
-def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
-    """eval/generate/* metrics; samples and judgements to generations.jsonl and a W&B table."""
+def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker, step: int | None = None) -> dict:
+    """eval/generate/* metrics, logged at `step` (None: trainer.max_steps); samples and judgements to
+    generations.jsonl and a W&B table."""
     from prefopt.evaluation.generation import evaluate_generations, markdown_table, write_samples
 
     cfg = rc.eval.generation
@@ -39,7 +40,7 @@ def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker) -> dict:
     metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
     rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
     atomic_write_text(run_dir / "generation_eval.md", markdown_table(metrics, len(rows)))
-    tracker.log(metrics, rc.trainer.max_steps)
+    tracker.log(metrics, rc.trainer.max_steps if step is None else step)
     tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
     return metrics
 

@@ -1,7 +1,6 @@
-"""`prefopt train`: the Hydra entry point and the one training loop every objective shares.
+"""`prefopt train`: the Hydra entry point, and `train`, which runs the one loop (`prefopt.training.loop`)
+in a run dir: tracker, preemption guard, and summary.json however the run ends.
 
-The loop reads top to bottom: schedule, micro-batches, forward, loss, backward, clip, step, log, eval,
-checkpoint. It never looks at the objective's name; what an objective needs is built in `prepare`.
 Checkpoints hold the whole training state (`prefopt.training.checkpoint`), so a run killed at any moment
 and resumed with `trainer.resume=auto` takes the same steps as one never interrupted. One process writes a
 run dir (`prefopt.files.RunDirLock`), every state file is written atomically, and a full disk ends the run
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import shlex
 import signal
@@ -20,7 +18,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -31,15 +28,11 @@ from prefopt.config import RunConfig, load_run_config
 from prefopt.errors import ConfigError
 from prefopt.files import RunDirLock, RunDirLocked, atomic_write_json, atomic_write_text, is_disk_full
 from prefopt.training.loop_state import (
-    LoopState,
     NonFiniteTraining,
-    record_step,
-    skip_bad_step,
-    window_metrics,
 )
 from prefopt.training.preemption import Preempted, PreemptionGuard
 from prefopt.training.resume import RunDirInUse, plan_resume
-from prefopt.training.run_summary import brief, generation_eval, log_closing_summary, run_name, task_record
+from prefopt.training.run_summary import log_closing_summary, run_name
 
 log = logging.getLogger(__name__)
 __all__ = ["NonFiniteTraining", "RunDirInUse", "main", "train"]
@@ -50,6 +43,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     or ConfigError (a resume that does not fit) before anything loads. On any failure, preemption or
     Ctrl-C, summary.json says so, the tracker is closed, and the error propagates."""
     from prefopt.engine.distributed import release_own_group, world
+    from prefopt.training.loop import finish, run_loop, start
     from prefopt.training.setup import configure_torch
     from prefopt.training.tracking import NullTracker, Tracker
 
@@ -75,7 +69,9 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
         )
         with PreemptionGuard(rc.trainer.preemption_signals) as guard:
             try:
-                summary = _train(rc, run_dir, device, tracker, started, plan, guard)
+                loop = start(rc, run_dir, device, tracker, plan)
+                run_loop(loop, guard, started)
+                summary = finish(loop, started)
             finally:
                 release_own_group()
     except BaseException as error:
@@ -121,206 +117,6 @@ def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, st
         atomic_write_json(run_dir / "summary.json", failed)
     except OSError as write_error:
         log.warning("summary.json not written (%s)", write_error)
-
-
-def _train(rc: RunConfig, run_dir: Path, device, tracker, started: float, plan, guard) -> dict:
-    from transformers import get_scheduler
-
-    from prefopt.data.batching import PairSampler
-    from prefopt.engine.distributed import (
-        TrainableModules,
-        agreed_stop,
-        check_divisible,
-        clip_grad_norm,
-        export_policy,
-        gathered,
-        strategy_of,
-        world,
-        wrap,
-    )
-    from prefopt.engine.prepare import prepare
-    from prefopt.evaluation.convergence import run_convergence
-    from prefopt.evaluation.evaluate import evaluate
-    from prefopt.models import has_dropout
-    from prefopt.progress import progress, quiet_library_progress_bars
-    from prefopt.training.checkpoint import load_checkpoint
-    from prefopt.training.seeding import seed_everything
-    from prefopt.training.setup import OPTIMIZERS, autocast_for, max_grad_norm, speed_up, trainable_params
-
-    autocast = autocast_for(rc.trainer.precision, device)
-    quiet_library_progress_bars()
-    run = prepare(rc, device)
-    seed_everything(rc.seed)  # training's randomness must not depend on what prepare did (fit or cache)
-    if rc.trainer.epochs is not None:  # passes over the train pairs decide the step count
-        rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
-        log.info("trainer.epochs=%g: %d steps", rc.trainer.epochs, rc.trainer.max_steps)
-    max_steps = rc.trainer.max_steps
-    trainable = TrainableModules({"policy": run.policy})  # what the optimizer updates and checkpoints hold
-    if run.inputs.value_head is not None:
-        trainable["value_head"] = run.inputs.value_head
-    run.inputs.packing.packs(run.policy, device)  # probe the decoder once, before any sharding
-    speed_up(run.policy, rc.trainer)
-    model = wrap(trainable, strategy_of(rc.trainer), device, rc.trainer.param_dtype)  # FSDP2 shards in place
-    groups = [
-        {"params": trainable_params(run.policy), "lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay}
-    ]
-    if run.inputs.value_head is not None:
-        groups.append({"params": trainable_params(run.inputs.value_head), "lr": rc.trainer.value_head_lr})
-    params = [p for group in groups for p in group["params"]]
-    optimizer = OPTIMIZERS[rc.trainer.optimizer](groups, rc.trainer, device)
-    optimizer.zero_grad(set_to_none=True)
-    scheduler = get_scheduler(rc.trainer.lr_schedule, optimizer, rc.trainer.warmup_steps, max_steps)
-    sampler = PairSampler(len(run.train), rc.trainer.batch_size, rc.seed)  # the same on every rank
-    check_divisible(sampler.batch_size, rc.trainer)
-    state = LoopState()
-
-    def run_eval(step: int) -> tuple[dict, dict]:
-        with gathered(model):  # every rank evaluates every pair: sharded layers gather as they run
-            metrics, detail = evaluate(run, step, rc.eval.batch_size, device, autocast)
-        state.history.append({"step": step, **metrics, **detail})
-        tracker.log(metrics, step)
-        log.info("eval @ step %d: %s", step, brief(metrics))
-        return metrics, detail
-
-    def save(step: int) -> Path:
-        from prefopt.training.checkpoint import save_checkpoint
-
-        record = {
-            "loop": asdict(state),
-            "config": rc.raw,
-            "wandb_id": tracker.run_id,
-            "metrics_records": tracker.records,
-            "reference_logps_sha256": _digest(run.inputs.reference_logps),
-        }
-        keep = rc.trainer.keep_last_checkpoints
-        return save_checkpoint(run_dir, step, trainable, optimizer, scheduler, sampler, record, keep)
-
-    checkpoint = plan.checkpoint
-    if checkpoint is not None:
-        saved = load_checkpoint(checkpoint, trainable, optimizer, scheduler, sampler, plan.state)  # RNG too
-        state = LoopState(**saved["loop"])
-        state.resumed_at.append(state.step)
-        if saved.get("reference_logps_sha256") != _digest(run.inputs.reference_logps):
-            log.warning("the reference log-probs differ from the checkpoint's: not a bit-exact continuation")
-        log.info("resumed from %s at step %d of %d", checkpoint, state.step, max_steps)
-    elif rc.eval.at_start:
-        state.reference_eval, state.reference_detail = run_eval(0)
-    run.policy.train()
-    if state.step_losses or has_dropout(run.policy):  # trained already, or a random training forward
-        run.inputs.policy_is_reference = False
-    log.info("training: steps %d-%d of %d pairs", state.step + 1, max_steps, sampler.batch_size)
-    every = rc.trainer.checkpoint_every_steps
-    tokens, window_start = 0, time.perf_counter()
-    bar = progress(range(state.step + 1, max_steps + 1), desc="train", unit="step")
-    if guard.requested:  # a signal while preparing
-        raise Preempted(guard.requested, state.step, save(state.step))
-    for step in bar:
-        examples = sampler.next()
-        step_sums, step_tokens = _forward_backward(model, run, examples, rc.trainer, step, device, autocast)
-        tokens += step_tokens
-        grad_norm = clip_grad_norm(params, max_grad_norm(rc.trainer))
-        step_sums["grad_norm"], step_sums["lr"] = grad_norm, scheduler.get_last_lr()[0]
-        if math.isfinite(step_sums["loss"]) and math.isfinite(grad_norm):
-            optimizer.step()
-            if step_sums["lr"] > 0:  # warm-up's first step (lr 0) leaves the weights as they were
-                run.inputs.policy_is_reference = False  # the cached reference log-probs are read from now
-            record_step(state, step_sums)
-        else:  # a non-finite loss or gradient never reaches the weights
-            skip_bad_step(state, step, examples, step_sums, rc.trainer.max_bad_steps)
-        scheduler.step()  # skipped steps keep their place in the schedule
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_s = tokens / max(time.perf_counter() - window_start, 1e-9)
-        bar.set_postfix(
-            loss=f"{step_sums['loss']:.4f}",
-            acc=f"{step_sums['rewards/accuracies']:.3f}",
-            tok_s=f"{tokens_per_s:.0f}",
-        )
-        if step % rc.trainer.log_every_steps == 0 or step == max_steps:
-            train_metrics = window_metrics(state, tokens_per_s, time.perf_counter() - started, device)
-            tracker.log(train_metrics, step)
-            state.last_train = train_metrics
-            log.info("step %d/%d: %s", step, max_steps, brief(train_metrics))
-            tokens, window_start = 0, time.perf_counter()
-        if step % rc.eval.eval_every_steps == 0 and step != max_steps:
-            run_eval(step)
-        state.step = step
-        stop = agreed_stop(guard.requested, device)  # read once; every rank stops at the same step
-        # with checkpointing on, at the end too (a failure in the final evaluation loses no step); off, a
-        # finished run has nothing to resume and ends with the export alone; a preempted one always saves
-        if stop or (every and (step % every == 0 or step == max_steps)):
-            saved_at = save(step)
-        if stop:
-            raise Preempted(stop, step, saved_at)
-    bar.close()
-    final_eval, final_detail = run_eval(max_steps)
-    if rc.eval.generate:
-        with gathered(model):
-            final_eval |= generation_eval(rc, run, run_dir, device, tracker)
-    convergence = run_convergence(
-        rc,
-        run,
-        state.step_losses,
-        state.grad_norms,
-        final_eval,
-        final_detail,
-        sampler.batch_size == len(run.train),
-    )
-    if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
-        export_policy(run, rc, run_dir / "checkpoint")
-    evaluation = {
-        "history": state.history,
-        "final": {**final_eval, **final_detail},
-        "reference": {**state.reference_eval, **state.reference_detail},
-        "task": task_record(run.task),
-    }
-    if world().is_main:
-        atomic_write_json(run_dir / "eval.json", evaluation)
-    return {
-        "status": "completed",
-        "objective": rc.objective_name,
-        "seed": rc.seed,
-        "final_eval": final_eval,
-        "reference_eval": state.reference_eval,
-        "final_train": state.last_train,
-        "convergence": convergence,
-        "reference_fit": run.reference_fit,
-        "data": run.data_report,
-        "bad_steps": state.bad_steps,
-        "resumed_at": state.resumed_at,
-        "runtime_s": round(time.perf_counter() - started, 2),
-    }
-
-
-def _forward_backward(model, run, examples, trainer, step: int, device, autocast) -> tuple[dict, int]:
-    """Loss and gradients of one optimizer step's pairs, in micro-batches: (global mean metrics, global
-    real tokens). Under torchrun each rank takes its share of the pairs; see `distributed`."""
-    from collections import defaultdict
-
-    from prefopt.data.batching import make_batch
-    from prefopt.engine.distributed import my_pairs, sum_floats, world
-    from prefopt.engine.step import pair_loss
-
-    needs = run.inputs.hparams.requirements()
-    micro_size = trainer.micro_batch_size or trainer.batch_size
-    scale = world().size / len(examples)  # the reduction's mean over ranks then is the global mean
-    step_sums, tokens = defaultdict(float), 0
-    for micro in my_pairs(examples).split(micro_size):
-        batch = make_batch(run.table, run.train, micro, run.kl_side, needs.mismatched)
-        with autocast():
-            loss_sum, sums = model(pair_loss, run.policy, batch, run.inputs, step - 1, device)
-        (loss_sum * scale).backward()  # mean over the step's pairs, however they are split
-        for name, value in sums.items():
-            step_sums[name] += value
-        tokens += int(batch.rows.attention_mask.sum())
-    totals = sum_floats({**step_sums, "_tokens": tokens}, device)
-    tokens = int(totals.pop("_tokens"))
-    return defaultdict(float, {name: value / len(examples) for name, value in totals.items()}), tokens
-
-
-def _digest(tensor) -> str | None:
-    from prefopt.engine.reference_cache import tensor_sha256
-
-    return None if tensor is None else tensor_sha256(tensor)
 
 
 def resume_command(run_dir: Path) -> str:
