@@ -9,14 +9,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, read_jsonl, run_training
+from conftest import FAST, ROOT, compose_config, read_jsonl, run_training
 
 from prefopt.objectives import OBJECTIVES
 
 
 def test_default_task_training_lowers_loss_and_beats_the_reference(tmp_path):
-    """A short DPO run: training loss falls, held-out accuracy and ground-truth win rate rise above the
-    reference's (0.5: its implicit reward margin is zero, and it ties with itself)."""
+    """A short DPO run moves every measure the right way from the reference's own numbers. No threshold is
+    read off earlier runs: each is the reference's value, known exactly (its implicit reward margin is zero,
+    so its DPO loss is log 2, its held-out accuracy 1/2 with every margin a tie, and it ties with itself:
+    win rate 1/2), and the final value is compared with it (win rate, oracle reward and loss are exact
+    expectations over the task, not samples)."""
     summary = run_training(
         tmp_path,
         "trainer.max_steps=60",
@@ -25,14 +28,18 @@ def test_default_task_training_lowers_loss_and_beats_the_reference(tmp_path):
         "trainer.log_every_steps=5",
     )
     train_losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
-    assert train_losses[-1] < train_losses[0] - 0.05
+    assert train_losses[-1] < train_losses[0]
     start, final = summary["reference_eval"], summary["final_eval"]
+    assert start["eval/loss"] == pytest.approx(math.log(2))
     assert start["eval/rewards/accuracies"] == pytest.approx(0.5)
     assert start["eval/win_rate"] == pytest.approx(0.5, abs=1e-6)
-    assert final["eval/rewards/accuracies"] > start["eval/rewards/accuracies"] + 0.1
-    assert final["eval/win_rate"] > 0.55
+    assert final["eval/loss"] < start["eval/loss"]
+    assert final["eval/rewards/accuracies"] > start["eval/rewards/accuracies"]
+    assert final["eval/win_rate"] > start["eval/win_rate"]
     assert final["eval/oracle_reward"] > start["eval/oracle_reward"]
-    assert summary["reference_fit"]["kl"] < 0.2
+    # the fit's own gate: preference training starts only when the fit ends within this run's max_kl
+    max_kl = float(next(o for o in FAST if o.startswith("trainer.reference_fit.max_kl=")).split("=")[1])
+    assert summary["reference_fit"]["kl"] <= max_kl
 
 
 def test_run_dir_holds_metrics_eval_and_a_loadable_checkpoint(tmp_path):
@@ -155,10 +162,17 @@ def test_convergence_report_against_the_minimizer_of_the_runs_own_pairs(tmp_path
     )
     convergence = summary["convergence"]
     assert convergence["converged"], convergence["reasons"]
-    assert abs(convergence["loss_change_last_10pct"]) < 0.01
-    assert len(convergence["minimizer"]) == 2 and len(convergence["minimizer"][0]) == 3
-    assert sum(convergence["minimizer"][0]) == pytest.approx(1.0)
-    assert convergence["tv_to_minimizer"] < 0.02
+    assert abs(convergence["loss_change_last_10pct"]) <= loss_rtol()  # the configured criterion
+    minimizer = convergence["minimizer"]
+    assert len(minimizer) == 2 and len(minimizer[0]) == 3
+    assert sum(minimizer[0]) == pytest.approx(1.0)
+    # direction of change, no picked distance: the run moved toward the minimizer, and ended nearer to it
+    # than to where it started (the reference, the policy at step 0 in eval.json)
+    history = json.loads((tmp_path / "eval.json").read_text())["history"]
+    start, end = candidate_policy(history[0], 2, 3), candidate_policy(history[-1], 2, 3)
+    assert convergence["tv_to_minimizer"] == pytest.approx(mean_tv(end, minimizer), rel=1e-4)
+    assert convergence["tv_to_minimizer"] < mean_tv(start, minimizer)
+    assert convergence["tv_to_minimizer"] < mean_tv(end, start)
     assert convergence["outside_mass"] == summary["final_eval"]["eval/outside_mass"]  # a copy: exact
 
 
@@ -166,7 +180,25 @@ def test_a_short_run_is_reported_as_not_converged(tmp_path):
     convergence = run_training(tmp_path, "trainer.max_steps=10", "trainer.lr=3e-3")["convergence"]
     assert convergence["converged"] is False
     assert convergence["reasons"]
-    assert convergence["tv_to_minimizer"] > 0.01
+    # why, by the configured criterion: its loss was still moving in its last tenth of steps
+    assert abs(convergence["loss_change_last_10pct"]) > loss_rtol()
+    assert convergence["tv_to_minimizer"] > 0  # reported, and not at the minimizer
+
+
+def loss_rtol() -> float:
+    """eval.convergence.loss_rtol as the tests' runs compose it."""
+    return float(compose_config(*FAST).eval.convergence.loss_rtol)
+
+
+def candidate_policy(evaluation: dict, prompts: int, candidates: int) -> list[list[float]]:
+    """pi_theta over each prompt's candidates, renormalised (as convergence.tv_to_minimizer takes it)."""
+    rows = [[evaluation[f"eval/pi_theta/p{p}/y{k}"] for k in range(candidates)] for p in range(prompts)]
+    return [[x / sum(row) for x in row] for row in rows]
+
+
+def mean_tv(a: list[list[float]], b: list[list[float]]) -> float:
+    """Mean over prompts of the total variation distance 1/2 sum_y |a(y) - b(y)|."""
+    return sum(0.5 * sum(abs(x - y) for x, y in zip(p, q)) for p, q in zip(a, b)) / len(a)
 
 
 def test_a_run_dir_that_holds_a_run_is_refused_and_left_as_it_was(tmp_path):
@@ -245,7 +277,12 @@ def test_expo_kl_estimators_all_run_and_start_near_zero(tmp_path, estimator):
     )
     start = summary["reference_eval"]
     if estimator == "exact":
-        assert start["eval/kl"] == pytest.approx(-math.log(1 - start["eval/outside_mass"]), rel=0.05)
+        # eval/kl is a mean over the held-out pairs of their prompt's -log(1 - outside mass) (eval.json has
+        # each prompt's mass): weighted by pairs per prompt, so it lies within the per-prompt values' range
+        at_start = json.loads((tmp_path / "eval.json").read_text())["history"][0]
+        masses = [v for k, v in at_start.items() if k.startswith("eval/outside_mass/p")]
+        per_prompt = [-math.log(1 - m) for m in masses]
+        assert len(masses) == 6 and min(per_prompt) <= start["eval/kl"] <= max(per_prompt)
     else:
         assert abs(start["eval/kl"]) < 1e-5
     final = summary["final_eval"]["eval/kl"]
