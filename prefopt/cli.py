@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import io
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefopt import CONF_DIR
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 USAGE = """usage: prefopt <command> [args]
 
@@ -67,9 +72,10 @@ def override_mistake(args: list[str]) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    overrides = _job_overrides(args)
-    if overrides is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    job = _job_overrides(args)
+    if job is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return None
+    overrides = [override.input_line for override in job]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             compose("train", overrides=overrides)
@@ -80,7 +86,7 @@ def override_mistake(args: list[str]) -> str | None:
             key = getattr(error.__cause__, "full_key", None)
             if not key or not isinstance(error.__cause__, ConfigAttributeError | ConfigKeyError):
                 return None
-            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+            rest = [override.input_line for override in job if override.key_or_group != key]
             try:
                 known = compose("train", overrides=rest, return_hydra_config=True)
             except ConfigCompositionException:
@@ -95,9 +101,9 @@ def unwritable_output_dir(args: list[str]) -> str | None:
     (conf/train.yaml's dirs start with outputs/)."""
     import errno
 
-    key = "hydra.sweep.dir=" if {"-m", "--multirun"} & set(args) else "hydra.run.dir="
-    given = [o.removeprefix(key) for o in _job_overrides(args) or [] if o.startswith(key)]
-    directory = given[-1] if given else "outputs"
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = [o.value() for o in _job_overrides(args) or [] if o.key_or_group == key and not o.is_delete()]
+    directory = str(given[-1]) if given else "outputs"
     existing = Path(directory.split("${", 1)[0] or ".")
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -109,21 +115,22 @@ def unwritable_output_dir(args: list[str]) -> str | None:
     return f"cannot write to {directory}: {os.strerror(errno.EROFS if read_only else errno.EACCES)}"
 
 
-def _job_overrides(args: list[str]) -> list[str] | None:
-    """The overrides of `args` (a sweep replaced by its first value), or None when the command composes
+def _job_overrides(args: list[str]) -> list[Override] | None:
+    """Hydra's `Override`s of `args` (a sweep replaced by its first value), or None when the command composes
     nothing from conf/ (--help, --version, another config dir) or Hydra's own parser rejects it."""
-    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            parsed = get_args_parser().parse_args(args)
-            overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+            parsed = _hydra_command_line().parse_args(args)
+        overrides = parser.parse_overrides(parsed.overrides)
     except (SystemExit, Exception):  # noqa: BLE001 - Hydra reports it in its own words
         return None
     unusual = (
         parsed.help,
         parsed.hydra_help,
+        parsed.version,
         parsed.shell_completion,
         parsed.info,
         parsed.experimental_rerun,
@@ -133,14 +140,44 @@ def _job_overrides(args: list[str]) -> list[str] | None:
     job = []
     for override in overrides:
         if not override.is_sweep_override():
-            job.append(override.input_line)
+            job.append(override)
             continue
         try:
             first = next(iter(override.sweep_string_iterator()))
+            job += parser.parse_overrides([f"{override.get_key_element()}={first}"])
         except Exception:  # noqa: BLE001 - a glob or interval sweep: leave it to the sweeper
             continue
-        job.append(f"{override.get_key_element()}={first}")
     return job
+
+
+def _hydra_command_line() -> argparse.ArgumentParser:
+    """The command line a `@hydra.main` app takes (`prefopt train`): Hydra's flags, then the overrides."""
+    parser = argparse.ArgumentParser(prog="prefopt train", add_help=False)
+    switches = [
+        ("--help", "-h"),
+        ("--hydra-help",),
+        ("--version",),
+        ("--resolve",),
+        ("--run", "-r"),
+        ("--multirun", "-m"),
+        ("--shell-completion", "-sc"),
+    ]
+    for flags in switches:
+        parser.add_argument(*flags, action="store_true")
+    parser.add_argument("--cfg", "-c", choices=["job", "hydra", "all"])
+    values = [
+        ("--package", "-p"),
+        ("--config-path", "-cp"),
+        ("--config-name", "-cn"),
+        ("--config-dir", "-cd"),
+        ("--experimental-rerun",),
+    ]
+    for flags in values:
+        parser.add_argument(*flags)
+    info = ["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"]
+    parser.add_argument("--info", "-i", nargs="?", const="all", choices=info)
+    parser.add_argument("overrides", nargs="*")
+    return parser
 
 
 def _unknown_option(missing: str | None, options: list[str] | None) -> str | None:

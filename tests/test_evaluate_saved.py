@@ -170,3 +170,76 @@ def test_evaluate_reports_an_hpo_runs_own_final_eval_with_its_trained_value_head
     assert (tmp_path / "checkpoint" / "value_head.safetensors").is_file()
     final, _, _ = evaluate(tmp_path)
     assert_same_final(tmp_path, final)
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    """A run dir as far as `evaluation_config` reads it: the default config and a checkpoint's config.json."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from prefopt import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose("train", ["trainer.pack_tokens=???"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_evaluate_overrides_are_typed_and_applied_as_hydra_applies_them(fake_run):
+    """Hydra's parser types the values (`seed=3` is the int 3, not the string or 3.0); `+` adds a key the
+    config lacks, `++` sets one either way, `~` deletes one, `group=option` takes conf/<group>/<option>.yaml
+    and a ??? key is set without `+`."""
+    from prefopt.training.evaluate_saved import evaluation_config
+
+    overrides = [
+        "seed=3",
+        "objective.label_smoothing=0.25",
+        "trainer.share_prompts=false",
+        "trainer.resume_allow_changes=[logger]",
+        "+eval.generation.llm.model=gpt-4o",
+        "++eval.generation.judge='llm'",
+        "++dataset.extra=null",
+        "logger=none",
+        "~logger.entity",
+        "~trainer.fused_optimizer=null",
+        "trainer.pack_tokens=64",
+    ]
+    raw, out, source = evaluation_config(fake_run, overrides)
+    assert (source, out) == (fake_run, fake_run / "evaluate")
+    assert type(raw["seed"]) is int and raw["seed"] == 3
+    assert raw["objective"]["label_smoothing"] == 0.25
+    assert raw["trainer"]["share_prompts"] is False
+    assert raw["trainer"]["resume_allow_changes"] == ["logger"]
+    assert raw["eval"]["generation"]["llm"] == {"model": "gpt-4o"}
+    assert raw["eval"]["generation"]["judge"] == "llm"
+    assert "extra" in raw["dataset"] and raw["dataset"]["extra"] is None
+    assert "fused_optimizer" not in raw["trainer"]
+    assert raw["logger"]["name"] == "none" and "entity" not in raw["logger"]
+    assert raw["trainer"]["pack_tokens"] == 64
+    assert raw["eval"]["generate"] is True and raw["trainer"]["save_checkpoint"] is False  # evaluate's own
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_steps=[",  # malformed
+        "trainer.max_step=5",  # no such key, and no + to add it
+        "+seed=1",  # + adds; seed is there
+        "~trainer.no_such_key",
+        "~seed=5",  # seed is 0
+        "logger=nonesuch",  # no such option
+        "trainer.max_steps=5,6",  # a sweep
+        "logger@trainer=none",  # a package
+        "=5",
+    ],
+)
+def test_a_bad_evaluate_override_is_one_line_naming_it(fake_run, capsys, override):
+    from prefopt.training.evaluate_saved import main
+
+    assert main([str(fake_run), "logger=none", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and repr(override) in err
+    assert not (fake_run / "evaluate").exists()  # nothing written

@@ -13,6 +13,7 @@ Group (dpo, s=0.1): win rates 0.51 (k=0) and 0.53 (k=1) -> mean 0.52, std (ddof=
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -243,11 +244,26 @@ def test_main_without_jobs_returns_1(tmp_path: Path):
     assert report.main([str(tmp_path / "absent")]) == 1
 
 
-def test_overrides_parse_numbers_as_floats():
+def test_overrides_parse_as_hydra_types_them():
     assert parse_override("+experiment=expo_pres") == ("experiment", "expo_pres")
     assert parse_override("strength=0.1") == ("strength", 0.1)
-    assert parse_override("seed=1") == ("seed", 1.0)
+    key, seed = parse_override("seed=1")
+    assert (key, seed, type(seed)) == ("seed", 1, int)
     assert parse_override("++objective.beta=1e-2") == ("objective.beta", 0.01)
+
+
+def test_a_jobs_overrides_are_read_by_hydras_parser(tmp_path: Path, caplog):
+    """Typed as Hydra types them; a deletion sets nothing; a malformed line is left out with a warning."""
+    lines = ["seed=1", "trainer.packing=false", "trainer.resume=null", "~objective.lam", "aux_reward=[a, b]"]
+    lines.append("x=[")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(lines))
+    with caplog.at_level(logging.WARNING):
+        job = load_job(tmp_path)
+    expected = {"seed": 1, "trainer.packing": False, "trainer.resume": None, "aux_reward": "[a,b]"}
+    assert job.overrides == expected
+    assert type(job.overrides["seed"]) is int
+    assert any("'x=['" in record.getMessage() for record in caplog.records)
 
 
 def test_job_value_prefers_overrides_then_config_then_summary(sweep: Path):

@@ -107,12 +107,15 @@ def run_experiment(name: str, out: Path, overrides: list[str]) -> Path:
 def _sampled_pairs(name: str, sweep_dir: Path, overrides: list[str]) -> Path:
     """The experiment's pairs, sampled once from its starting model (no adapters), as a pairs dir."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from prefopt.config import load_run_config, register_resolvers
     from prefopt.research.sampled_pairs import precompute_pairs
 
     register_resolvers()
-    job = [o for o in overrides if not o.startswith(("hydra.", "logger"))]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    logger = [o for o in parsed if o.key_or_group.partition(".")[0] == "logger"]  # the sampling logs nowhere
+    job = [o.input_line for o in parsed if not o.is_hydra_override() and o not in logger]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", [f"+experiment={name}", *job, "model.lora.r=0", "logger=none"])
     started = time.perf_counter()
@@ -125,11 +128,13 @@ def _job_count(name: str, overrides: list[str]) -> int:
     """Jobs in one sweep: the product of the sweep sizes of the experiment's and the extra overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     params = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params
-    merged = {str(k): str(v) for k, v in params.items()}
-    merged |= dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra."))
+    swept = parser.parse_overrides([f"{key}={value}" for key, value in params.items()])
+    swept += [o for o in parser.parse_overrides(overrides) if not o.is_hydra_override()]
+    by_key = {override.key_or_group: override for override in swept}  # a later one replaces an earlier one
     count = 1
-    for override in OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in merged.items()]):
+    for override in by_key.values():
         count *= len(list(override.sweep_iterator())) if override.is_sweep_override() else 1
     return count
 

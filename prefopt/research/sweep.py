@@ -84,7 +84,7 @@ def load_job(path: Path) -> Job:
     raw = list(raw) if raw is not None else (summary or {}).get("overrides") or []
     evals = _read(path / "eval.json", read_json) if summary else None
     evals = evals if isinstance(evals, dict) else {}
-    overrides = dict(parse_override(str(item)) for item in raw if "=" in str(item))
+    overrides = dict(pair for pair in map(_job_override, raw) if pair is not None)
     return Job(path.name, path, overrides, config, summary, problem, evals.get("history") or [], evals)
 
 
@@ -107,15 +107,43 @@ def _read_summary(file: Path) -> tuple[dict | None, str]:
     return {"status": "failed", "error": problem}, ""
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`+objective.beta=0.1` -> ("objective.beta", 0.1): numbers become floats, everything else a string."""
-    key, _, value = text.partition("=")
-    value = value.strip().strip("'\"")
+def parse_override(text: str) -> tuple[str, Any] | None:
+    """(key, value) that an override sets, as Hydra's parser types it: `+objective.beta=0.1` ->
+    ("objective.beta", 0.1), `seed=1` -> ("seed", 1), `trainer.packing=false` -> ("trainer.packing", False),
+    `trainer.resume=null` -> ("trainer.resume", None). A list or dict stays text in Hydra's form, a sweep the
+    text it was written as (so values group and sort). None for a deletion (`~key`): it sets nothing. A
+    malformed override is a ValueError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     try:
-        number = float(value)
-    except ValueError:
-        return key.lstrip("+~").strip(), value
-    return key.lstrip("+~").strip(), number
+        (override,) = OverridesParser.create().parse_overrides([text])
+    except HydraException as error:
+        raise ValueError(f"malformed override {text!r}: {_parse_error(error)}") from None
+    if override.is_delete():
+        return None
+    key = override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
+    if override.is_sweep_override():
+        return key, override.get_value_string().strip()
+    value = override.value()
+    return key, override.get_value_element_as_str() if isinstance(value, list | dict) else value
+
+
+def _parse_error(error: Exception) -> str:
+    """The line of a Hydra override-parser error that says what is wrong (without its header and link)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    skip = ("Error parsing override", "See https://", "^")
+    return next((line for line in lines if line and not line.startswith(skip)), "cannot be parsed")
+
+
+def _job_override(item: Any) -> tuple[str, Any] | None:
+    """parse_override of one line of a job's overrides.yaml; a malformed one is left out with a warning (a
+    report must not fail on one hand-edited job)."""
+    try:
+        return parse_override(str(item))
+    except ValueError as error:
+        log.warning("%s: left out of the report's keys", error)
+        return None
 
 
 def job_value(job: Job, key: str) -> Any:

@@ -12,22 +12,27 @@ run's). The numbers equal the run's final eval (eval.json "final"). The evaluate
 is read (exit 2 while another process holds it).
 
 A bare checkpoint dir needs the data named by overrides (e.g. `dataset=hh_rlhf dataset.path=...`); it is its
-own reference (win rate 1/2). Overrides are dotted `key=value` pairs (or `group=option`, e.g.
-`logger=none`) applied last, e.g. `eval.generation.judge=llm +eval.generation.llm.model=gpt-4o`.
+own reference (win rate 1/2). Overrides, read by Hydra's override parser and applied last as Hydra applies
+them, are dotted `key=value` pairs (`+key=value` adds a key, `++key=value` sets one either way, `~key`
+deletes one) or `group=option` (e.g. `logger=none`), e.g.
+`eval.generation.judge=llm +eval.generation.llm.model=gpt-4o`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from prefopt import CONF_DIR
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, P
     (None: a checkpoint)."""
     from prefopt.models.pretrained import PretrainedModelConfig
 
+    parsed = parse_overrides(overrides)  # a malformed one fails before anything is read
     run_config = target / "config.yaml"
     if run_config.is_file():  # a run dir: its own model config, the checkpoint's weights loaded later
         raw = OmegaConf.to_container(OmegaConf.load(run_config))
@@ -68,15 +74,81 @@ def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, P
     raw["trainer"] |= {"save_checkpoint": False, "resume": None}
     raw["eval"] |= {"at_start": False, "generate": True}
     config = OmegaConf.create(raw)
-    for override in overrides:
-        key, _, value = override.partition("=")
-        key = key.lstrip("+")
-        option = CONF_DIR / key / f"{value}.yaml"
-        if "." not in key and option.is_file():  # group=option: that option's node (e.g. logger=none)
-            config[key] = OmegaConf.load(option)
-        else:
-            OmegaConf.update(config, key, OmegaConf.create({"v": value}).v if value else None)
+    for override in parsed:
+        apply_override(config, override)
     return OmegaConf.to_container(config), out, source
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's `Override`s of `overrides`; a malformed or unsupported one is a one-line ConfigError naming
+    it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from prefopt.errors import ConfigError
+
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException as error:
+            raise ConfigError(f"override {text!r}: {_parse_error(error)}") from None
+        if not override.key_or_group:
+            raise ConfigError(f"override {text!r}: no key before '='")
+        if override.is_sweep_override():
+            raise ConfigError(f"override {text!r}: a sweep; an evaluation takes one value")
+        if override.package is not None:
+            raise ConfigError(f"override {text!r}: a package (@) is not supported by prefopt evaluate")
+        parsed.append(override)
+    return parsed
+
+
+def apply_override(config: DictConfig, override: Override) -> None:
+    """`override` applied to `config` as Hydra applies it: `group=option` (a folder of conf/) sets that
+    option's node; `key=value` changes an existing key, `+key=value` adds a new one, `++key=value` sets it
+    either way and `~key` (or `~key=value`, when it has that value) deletes it. A ConfigError names it."""
+    from omegaconf import open_dict
+
+    from prefopt.errors import ConfigError
+
+    key, text = override.key_or_group, override.input_line
+    group = "." not in key and "/" not in key and (CONF_DIR / key).is_dir()
+    value = _option(key, override) if group and override.value() is not None else override.value()
+    path, _, name = key.rpartition(".")
+    parent = OmegaConf.select(config, path, throw_on_missing=False) if path else config
+    present = isinstance(parent, DictConfig) and name in list(parent)  # `in` skips a ??? key
+    current = parent[name] if present and not OmegaConf.is_missing(parent, name) else None
+    if override.is_delete():
+        if not present:
+            raise ConfigError(f"override {text!r}: no such key to delete")
+        if value is not None and value != current:
+            raise ConfigError(f"override {text!r}: {key} is {current}, not {value}")
+        with open_dict(config):
+            del parent[name]
+    elif override.is_add() and current is not None and not isinstance(value, dict | list):
+        raise ConfigError(f"override {text!r}: {key} is already set (write +{text} to replace it)")
+    elif not present and not (override.is_add() or override.is_force_add()):
+        raise ConfigError(f"override {text!r}: no such key (to add a new one, write +{text})")
+    else:
+        OmegaConf.update(config, key, value, merge=not group, force_add=True)
+
+
+def _option(group: str, override: Override) -> DictConfig:
+    """The node of `group=option`: conf/<group>/<option>.yaml."""
+    from prefopt.errors import ConfigError
+
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    name = override.value()
+    if not isinstance(name, str) or name not in options:
+        raise ConfigError(f"override {override.input_line!r}: no such option (options: {', '.join(options)})")
+    return OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+
+
+def _parse_error(error: Exception) -> str:
+    """The line of a Hydra override-parser error that says what is wrong (without its header and link)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    skip = ("Error parsing override", "See https://", "^")
+    return next((line for line in lines if line and not line.startswith(skip)), "cannot be parsed")
 
 
 def evaluate_run(rc, out: Path, source: Path | None) -> dict:
@@ -86,6 +158,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     from prefopt.engine.prepare import prepare
     from prefopt.evaluation.evaluate import evaluate
     from prefopt.files import atomic_write_json
+    from prefopt.training.loop_state import planned_steps
     from prefopt.training.run_summary import brief, generation_eval, run_name, task_record
     from prefopt.training.setup import autocast_for, configure_torch, speed_up
     from prefopt.training.tracking import Tracker
@@ -98,9 +171,8 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
         load_policy_weights(run.policy, source / "checkpoint")
         load_value_head(run.inputs.value_head, source / "checkpoint")
         run.inputs.policy_is_reference = False  # the policy is the trained one now
-    if rc.trainer.epochs is not None:  # as the run computed its step count
-        rc.trainer.max_steps = math.ceil(rc.trainer.epochs * len(run.train) / rc.trainer.batch_size)
-    step = rc.trainer.max_steps
+    # the run's last step, as the loop computed it
+    step = planned_steps(rc.trainer.max_steps, rc.trainer.epochs, rc.trainer.batch_size, len(run.train))
     run.inputs.packing.packs(run.policy, device)  # as the loop does before its first step
     speed_up(run.policy, rc.trainer)
     tracker = Tracker(rc.logger, out, rc.raw, run_name(rc), None)
@@ -110,7 +182,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
         )
         tracker.log(metrics, step)
         if rc.eval.generate:
-            metrics |= generation_eval(rc, run, out, device, tracker)
+            metrics |= generation_eval(rc, run, out, device, tracker, step)
         tracker.summary(metrics)
     finally:
         tracker.finish()
