@@ -37,15 +37,11 @@ def did_you_mean(word: Any, choices: Iterable[Any], prefix: str = "") -> str:
 
 def show(value: Any) -> str:
     """A value as a user writes it in yaml or an override: null, true, false, else str."""
-    return (
-        {None: "null", True: "true", False: "false"}.get(value, str(value))
-        if _hashable(value)
-        else str(value)
-    )
-
-
-def _hashable(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool | type(None))
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 @dataclass(frozen=True)

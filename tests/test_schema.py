@@ -216,6 +216,7 @@ def test_a_failure_is_one_config_error_naming_the_key(node: dict, message: str):
 def test_one_of_does_not_take_1_for_true():
     assert one_of(True, False).ok(True) and not one_of(True, False).ok(1)
     assert not one_of("auto", True).ok(1.0)
+    assert one_of(None, True, 0, "x").describe() == "null | true | 0 | x"
 
 
 def test_build_names_the_field_inside_the_node_for_schemas_that_validate_a_sub_node():
