@@ -6,6 +6,9 @@
   temporary file.
 - `RunDirLock`: an exclusive `fcntl.flock` on `<run dir>/.lock`, held for the life of the process that took
   it; the kernel releases it when that process dies, however it dies, so a stale lock file never blocks.
+- `locked`: the same kind of lock on any file, waiting for its holder (e.g. one process converts a cache
+  entry while the others wait for it).
+- `fsync_path` / `fsync_dir`: a file's writes made durable; a rename made durable (best effort).
 - `read_json`: a JSON file, with the file's path in the error when it is unreadable or damaged.
 - `is_disk_full`: whether an error (or one it was raised from) is ENOSPC / EDQUOT.
 - `sha256_file`, `sealed` / `read_sealed_json`: digests that let a cache entry prove it reads back as written
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -57,18 +61,19 @@ def atomic_write_json(path: Path, value, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(value, indent=indent))
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') writes to the disk; OSError when it cannot."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (best effort where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fsync_path(directory)
 
 
 def read_json(path: Path):
@@ -124,6 +129,18 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive flock on `path` (created if absent) for the `with` block, waiting while another
+    process holds it; released when the block ends or the process dies."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class RunDirLock:

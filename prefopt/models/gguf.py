@@ -18,7 +18,6 @@ An entry that does not read back as written is one warning naming it, and is con
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -26,7 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefopt.files import DamagedFile, atomic_write_json, fsync_dir, read_sealed_json, sealed, sha256_file
+from prefopt.files import (
+    DamagedFile,
+    atomic_write_json,
+    fsync_dir,
+    locked,
+    read_sealed_json,
+    sealed,
+    sha256_file,
+)
 from prefopt.models.gguf_sources import (
     GGUF_PACKAGES,
     SOURCES,
@@ -81,7 +88,7 @@ def converted_checkpoint(gguf: Path, dtype: str) -> Path:
     cache = model_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     entry = cache / f"{gguf.stem}-{digest[:16]}-{dtype}-transformers{transformers.__version__}"
-    with _locked(cache / f".{entry.name}.lock"):
+    with locked(cache / f".{entry.name}.lock"):
         if entry.exists():
             problem = entry_problem(entry, digest)
             if problem is None:
@@ -174,14 +181,3 @@ def _discard(entry: Path) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".damaged", dir=entry.parent))
     os.replace(entry, trash / entry.name)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive flock on `path`, waiting for another process that holds it (and converts)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

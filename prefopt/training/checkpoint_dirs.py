@@ -13,7 +13,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from prefopt.files import DamagedFile, atomic_write_json, read_json
+from prefopt.files import DamagedFile, atomic_write_json, fsync_path, read_json
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -27,14 +27,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:06d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish(staging: Path, final: Path, tensors, aliases, optimizer_values, scheduler, python_rng, record):
@@ -53,11 +45,11 @@ def publish(staging: Path, final: Path, tensors, aliases, optimizer_values, sche
     state["files"] = {str(p.relative_to(staging)): p.stat().st_size for p in files}
     atomic_write_json(staging / STATE_FILE, state, indent=None)  # fsynced, as the files below
     for path in [*files, staging / "state", staging]:
-        _fsync(path)
+        fsync_path(path)
     if final.exists():  # the same step written again (a resumed run's last step): replace it whole
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
