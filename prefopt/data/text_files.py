@@ -21,8 +21,9 @@ def builder_for(file: Path) -> str | None:
     return BUILDERS.get(suffixes[-1].lower()) if suffixes else None
 
 
-def open_file(file: Path, mode: str):
-    return gzip.open(file, mode) if file.suffix == ".gz" else open(file, mode)
+def open_file(file: Path, mode: str, **kwargs):
+    """`open`, or `gzip.open` for a .gz file (same arguments)."""
+    return (gzip.open if file.suffix == ".gz" else open)(file, mode, **kwargs)
 
 
 def check_text_file(file: Path, split: str) -> None:
@@ -55,15 +56,13 @@ def json_error(file: Path) -> str | None:
         return None
     with open_file(file, "rb") as handle:
         text = handle.read().decode("utf-8", errors="replace")
-    if text.lstrip().startswith("["):  # one JSON array: the line of the error's position
+    if _is_array(text):  # one JSON array: the line of the error's position
         try:
             json.loads(text)
         except json.JSONDecodeError as error:
             return f"{file} line {error.lineno}: not valid JSON: {error.msg} (column {error.colno})"
         return None
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings hold U+2028
-        if not line.strip():
-            continue
+    for number, line in _jsonl_rows(text):
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
@@ -80,8 +79,7 @@ def record_lines(file: Path) -> tuple[list[int] | None, int]:
         import pyarrow.parquet as pq
 
         return None, pq.ParquetFile(file).metadata.num_rows
-    opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rt", encoding="utf-8", newline="") as handle:
+    with open_file(file, "rt", encoding="utf-8", newline="") as handle:
         text = handle.read()
     if kind == "csv":
         reader, lines = csv.reader(io.StringIO(text, newline="")), []
@@ -92,7 +90,18 @@ def record_lines(file: Path) -> tuple[list[int] | None, int]:
                 lines.append(end + 1)
             end = reader.line_num
         return lines, len(lines)
-    if text.lstrip().startswith("["):
+    if _is_array(text):
         return None, len(json.loads(text))
-    lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    lines = [number for number, _ in _jsonl_rows(text)]
     return lines, len(lines)
+
+
+def _is_array(text: str) -> bool:
+    """A .json file holding one array of records (else one record per line)."""
+    return text.lstrip().startswith("[")
+
+
+def _jsonl_rows(text: str) -> list[tuple[int, str]]:
+    """(1-based line number, line) of each line that is not blank; split at "\\n" only, not splitlines:
+    JSON strings may hold U+2028."""
+    return [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
