@@ -81,43 +81,10 @@ def fit_reference(
         return -(target * logps).sum(-1).mean(), candidate_fit(logps.detach(), target)
 
     bar = progress(total=cfg.max_steps, desc="reference fit", unit="step")
-    steps, fit, best, best_step = 0, {}, float("inf"), 0
-    adam = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    while steps < cfg.max_steps:  # phase 1: Adam while it makes progress
-        loss, fit = loss_and_fit()
-        if fit["kl"] < cfg.target_kl:
-            break
-        if loss.item() < best * (1 - STALL_RTOL):
-            best, best_step = loss.item(), steps
-        elif steps - best_step >= STALL_STEPS:
-            break
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
-        steps += 1
-        bar.update(1)
-        bar.set_postfix(kl=f"{fit['kl']:.2e}", phase="adam")
+    steps, fit = _adam_phase(loss_and_fit, params, cfg, bar)
     adam_steps = steps
     if fit["kl"] >= cfg.target_kl and steps < cfg.max_steps:  # phase 2: L-BFGS from where Adam stalled
-        lbfgs = torch.optim.LBFGS(
-            params, lr=1.0, max_iter=LBFGS_ITERATIONS_PER_STEP, history_size=20, line_search_fn="strong_wolfe"
-        )
-
-        def closure() -> Tensor:
-            nonlocal steps, fit
-            lbfgs.zero_grad(set_to_none=True)
-            loss, fit = loss_and_fit()
-            loss.backward()
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(kl=f"{fit['kl']:.2e}", phase="lbfgs")
-            return loss
-
-        while steps < cfg.max_steps and fit["kl"] >= cfg.target_kl:
-            before = steps
-            lbfgs.step(closure)
-            if steps == before + 1:  # converged to a stationary point: nothing left to gain
-                break
+        steps, fit = _lbfgs_phase(loss_and_fit, params, cfg, bar, steps, fit)
     bar.close()
     policy.eval()
     with torch.no_grad():
@@ -132,6 +99,57 @@ def fit_reference(
         "seconds": round(time.perf_counter() - start, 2),
         "cached": False,
     }
+
+
+def _adam_phase(loss_and_fit, params, cfg: ReferenceFitConfig, bar) -> tuple[int, dict[str, float]]:
+    """Phase 1: AdamW at `cfg.lr` while it makes progress; (steps taken, the last fit)."""
+    steps, fit, best, best_step = 0, {}, float("inf"), 0
+    adam = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    while steps < cfg.max_steps:
+        loss, fit = loss_and_fit()
+        if fit["kl"] < cfg.target_kl:
+            break
+        if loss.item() < best * (1 - STALL_RTOL):
+            best, best_step = loss.item(), steps
+        elif steps - best_step >= STALL_STEPS:
+            break
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+        steps += 1
+        _tick(bar, fit, "adam")
+    return steps, fit
+
+
+def _lbfgs_phase(
+    loss_and_fit, params, cfg: ReferenceFitConfig, bar, steps: int, fit: dict[str, float]
+) -> tuple[int, dict[str, float]]:
+    """Phase 2: L-BFGS with a strong-Wolfe line search, from where Adam stopped (`steps`, `fit`) until the
+    target, the step budget or a stationary point; (steps taken in all, the last fit)."""
+    lbfgs = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=LBFGS_ITERATIONS_PER_STEP, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        nonlocal steps, fit
+        lbfgs.zero_grad(set_to_none=True)
+        loss, fit = loss_and_fit()
+        loss.backward()
+        steps += 1
+        _tick(bar, fit, "lbfgs")
+        return loss
+
+    while steps < cfg.max_steps and fit["kl"] >= cfg.target_kl:
+        before = steps
+        lbfgs.step(closure)
+        if steps == before + 1:  # converged to a stationary point: nothing left to gain
+            break
+    return steps, fit
+
+
+def _tick(bar, fit: dict[str, float], phase: str) -> None:
+    bar.update(1)
+    bar.set_postfix(kl=f"{fit['kl']:.2e}", phase=phase)
 
 
 def check_fit(report: dict[str, float], cfg: ReferenceFitConfig) -> None:
