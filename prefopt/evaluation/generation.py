@@ -111,17 +111,51 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
     """Sample, score and judge on the first `cfg.num_prompts` distinct held-out prompts.
     `judge`: an object with `compare(prompts, first, second) -> [{"p_first": ...}]` (None: the reward
     judge). Returns (metrics, samples, scores, judgements)."""
-    from prefopt.evaluation.sample_kl import sample_kl
-    from prefopt.rewards import score_responses
+    table = run.table
+    prompt_ids, chosen = _first_prompts(table, run.eval, cfg.num_prompts)
+    samples, kl = _sample(run, cfg, seed, device, prompt_ids, chosen)
+    repeat = lambda values: [v for v in values for _ in range(cfg.num_samples)]  # noqa: E731
+    flat = {
+        "policy": [t for row in samples.policy for t in row],
+        "reference": [t for row in samples.reference for t in row],
+        "chosen": repeat(chosen),
+    }
+    prompts = repeat(samples.prompts)
+    scores = _score(run, prompts, flat)
+    judgements = _judge(run, judge, prompts, flat, scores)
+    scored = {m: by for m, by in scores.items() if m != "chosen"}
+    metrics = summarize(samples, scored, judgements, cfg.toxicity_threshold)
+    metrics |= {f"eval/generate/{k}": v for k, v in kl.items()}  # KL(pi || pi_ref) on the policy's samples
+    log.info(
+        "generation eval on %d prompts x %d samples: %s",
+        len(prompt_ids),
+        cfg.num_samples,
+        ", ".join(
+            f"{k.removeprefix('eval/generate/')}={v:.4g}" for k, v in metrics.items() if "win_rate" in k
+        ),
+    )
+    return metrics, samples, scores, judgements
 
-    table, split = run.table, run.eval
+
+def _first_prompts(table, split, num_prompts: int) -> tuple[list[int], list[str]]:
+    """The first `num_prompts` distinct prompts of the held-out split, and the chosen response of each
+    one's first pair."""
     first_pair: dict[int, int] = {}
     for i, prompt in enumerate(split.prompts.tolist()):
         first_pair.setdefault(prompt, i)
-    prompt_ids = list(first_pair)[: cfg.num_prompts]
+    prompt_ids = list(first_pair)[:num_prompts]
     chosen = [
         table.response_texts[table.sequence_response[int(split.chosen[first_pair[p]])]] for p in prompt_ids
     ]
+    return prompt_ids, chosen
+
+
+def _sample(run, cfg, seed: int, device, prompt_ids: list[int], chosen: list[str]) -> tuple[Samples, dict]:
+    """Samples of the policy and the reference (each in eval mode meanwhile, then back in its own mode),
+    and the sampled KL(pi || pi_ref) on the policy's samples."""
+    from prefopt.evaluation.sample_kl import sample_kl
+
+    table = run.table
     modes = [m for m in (run.policy, run.reference) if isinstance(m, torch.nn.Module)]
     training = [m.training for m in modes]
     for module in modes:
@@ -140,13 +174,14 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
     samples = Samples(
         texts, chosen, policy, reference, policy_tokens, reference_tokens, policy_finished, reference_finished
     )
-    repeat = lambda values: [v for v in values for _ in range(cfg.num_samples)]  # noqa: E731
-    flat = {
-        "policy": [t for row in policy for t in row],
-        "reference": [t for row in reference for t in row],
-        "chosen": repeat(chosen),
-    }
-    prompts = repeat(texts)
+    return samples, kl
+
+
+def _score(run, prompts: list[str], flat: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+    """scores[model][reward] (P*S,): the auxiliary reward and each of its parts, and the oracle reward
+    where the task has one."""
+    from prefopt.rewards import score_responses
+
     scores: dict[str, dict[str, np.ndarray]] = {model: {} for model in flat}
     for model, responses in flat.items():
         if run.aux_reward is not None:
@@ -158,6 +193,12 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
             scores[model] |= {"aux_reward": np.asarray(combined), **parts}
         if run.task is not None:
             scores[model]["oracle_reward"] = np.asarray(run.task.oracle_reward(prompts, responses))
+    return scores
+
+
+def _judge(run, judge, prompts: list[str], flat: dict[str, list[str]], scores: dict) -> dict[str, list]:
+    """judgements[other] (P*S,): the probability that the policy's sample beats the reference's (or the
+    chosen response), by `judge`, else by the oracle reward where the task has one, else the aux reward."""
     judgements = {}
     key = "oracle_reward" if run.task is not None else "aux_reward"
     for other in ("reference", "chosen"):
@@ -166,18 +207,7 @@ def evaluate_generations(run, cfg, seed: int, device, judge=None) -> tuple[dict,
             judgements[other] = [v["p_first"] for v in verdicts]
         elif key in scores["policy"]:
             judgements[other] = reward_judge(scores["policy"][key], scores[other][key])
-    scored = {m: by for m, by in scores.items() if m != "chosen"}
-    metrics = summarize(samples, scored, judgements, cfg.toxicity_threshold)
-    metrics |= {f"eval/generate/{k}": v for k, v in kl.items()}  # KL(pi || pi_ref) on the policy's samples
-    log.info(
-        "generation eval on %d prompts x %d samples: %s",
-        len(prompt_ids),
-        cfg.num_samples,
-        ", ".join(
-            f"{k.removeprefix('eval/generate/')}={v:.4g}" for k, v in metrics.items() if "win_rate" in k
-        ),
-    )
-    return metrics, samples, scores, judgements
+    return judgements
 
 
 def markdown_table(metrics: dict, num_comparisons: int) -> str:
