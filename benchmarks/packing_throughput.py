@@ -24,7 +24,7 @@ import torch
 from prefopt.data.batching import PairSplit, SequenceTable, make_batch
 from prefopt.data.layout import Packing
 from prefopt.data.packing import pack, prompt_group_passes, share_prompts, whole_table_passes
-from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.reference import all_sequence_logps as _all_sequence_logps
 from prefopt.engine.step import LossInputs, pair_loss
 from prefopt.models.logps import model_logps
 from prefopt.models.tiny import TinyModelConfig, build_tiny

@@ -28,7 +28,7 @@ from prefopt.config import ConfigError, load_run_config
 from prefopt.data.batching import make_batch
 from prefopt.data.layout import Packing
 from prefopt.data.packing import PackedSequences, best_fit_decreasing, pack, whole_table_passes
-from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.reference import all_sequence_logps as _all_sequence_logps
 from prefopt.models.logps import (
     _liger,
     fused_kernel_applies,

@@ -17,7 +17,7 @@ from conftest import FAST, FAST_MODEL, ROOT, compose_config, read_jsonl, run_tra
 
 from prefopt.data.batching import SequenceTable
 from prefopt.engine import reference_cache
-from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.reference import all_sequence_logps as _all_sequence_logps
 from prefopt.engine.reference_cache import cache_dir, cached_reference_logps, model_fingerprint
 from prefopt.models import LoraConfig, TinyModelConfig, adapter_reference, build_tiny
 
@@ -218,14 +218,14 @@ def test_the_reference_model_is_freed_unless_token_kl_or_generation_reads_it(ove
     from prefopt.engine import prepare as prepare_module
 
     built = []
-    make_reference = prepare_module._reference
+    make_reference = prepare_module.frozen_reference
 
     def tracked(*args):
         reference = make_reference(*args)
         built.append(weakref.ref(reference))
         return reference
 
-    monkeypatch.setattr(prepare_module, "_reference", tracked)
+    monkeypatch.setattr(prepare_module, "frozen_reference", tracked)
     run = prepare_module.prepare(load_run_config(compose_config(*FAST, *FAST_MODEL, *overrides)), CPU)
     gc.collect()
     assert (built[0]() is not None) is kept

@@ -10,7 +10,7 @@ from conftest import compose_config, torch_threads
 from prefopt.config import load_run_config
 from prefopt.data import DATASETS
 from prefopt.data.batching import SequenceTable
-from prefopt.engine.prepare import _candidates, data_vocabulary
+from prefopt.engine.prepare import _candidates
 from prefopt.engine.reference_fit import (
     cache_dir,
     candidate_fit,
@@ -19,6 +19,7 @@ from prefopt.engine.reference_fit import (
     store_cached,
     weights_sha256,
 )
+from prefopt.engine.sampled_data import data_vocabulary
 from prefopt.models import MODELS
 from prefopt.models.logps import model_logps
 

@@ -25,7 +25,7 @@ from test_packing import (
 import prefopt.models.shared_prompt_attention as attention
 from prefopt.data.layout import Packing
 from prefopt.data.packing import prompt_group_passes, share_prompts
-from prefopt.engine.prepare import _all_sequence_logps
+from prefopt.engine.reference import all_sequence_logps as _all_sequence_logps
 from prefopt.models.logps import hidden_states, model_logps, token_kl
 from prefopt.models.packing_support import supports_packing
 from prefopt.models.shared_prompt_attention import IMPLEMENTATION

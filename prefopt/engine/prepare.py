@@ -4,7 +4,6 @@ tables, the supervised reference fit, the frozen reference, and the per-sequence
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -15,26 +14,17 @@ from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
 from prefopt.data.layout import Packing
-from prefopt.data.packing import prompt_group_passes, whole_table_passes
 from prefopt.data.preference import TextPairs
 from prefopt.data.synthetic import SyntheticTask
-from prefopt.data.tokenization import render_prompt
-from prefopt.engine.distributed import my_share, sum_across_ranks
 from prefopt.engine.kl_estimators import KL_ESTIMATORS, NO_KL, KLSetup
-from prefopt.engine.reference_cache import cached_reference_logps, free_memory
-from prefopt.engine.reference_fit import (
-    cache_key,
-    check_fit,
-    fit_reference,
-    load_cached,
-    store_cached,
-    weights_sha256,
-)
+from prefopt.engine.reference import fit_to_task, frozen_reference, reference_logps, wants_reference_fit
+from prefopt.engine.reference_cache import free_memory
+from prefopt.engine.sampled_data import data_vocabulary, pairs_from_model_samples
 from prefopt.engine.step import LossInputs
-from prefopt.models import MODELS, count_parameters, load_reference
+from prefopt.models import MODELS, count_parameters
 from prefopt.models.value_head import ValueHead
 from prefopt.objectives import OBJECTIVES
-from prefopt.progress import progress, progress_enabled
+from prefopt.progress import progress_enabled
 from prefopt.rewards import build_aux_reward, score_responses
 
 log = logging.getLogger(__name__)
@@ -87,12 +77,12 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         for split in (train, held_out):
             split.mismatched = _mismatched(table, split, rc.seed)
     fit_report = None
-    if _wants_reference_fit(rc, text.task):
-        fit_report = _fit_reference(rc, policy, table, candidates, text.task, device)
-    reference = _reference(rc, policy, device)
+    if wants_reference_fit(rc, text.task):
+        fit_report = fit_to_task(rc, policy, table, candidates, text.task, device)
+    reference = frozen_reference(rc, policy, device)
     kl_side = estimator.side_sequences(_kl_setup(rc, table, text, candidates, reference, device))
     packing = _packing(rc.trainer)
-    reference_logps, reference_cache = _reference_logps(rc, reference, table, packing, device)
+    cached_logps, reference_cache = reference_logps(rc, reference, table, packing, device)
     keeps_reference = estimator.reads_reference_model
     if not keeps_reference and not rc.eval.generate:  # nothing reads the model after this pass
         reference = None
@@ -102,7 +92,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     inputs = LossInputs(
         objective=OBJECTIVES[rc.objective_name],
         hparams=rc.objective,
-        reference_logps=reference_logps,
+        reference_logps=cached_logps,
         aux_rewards=aux_rewards,
         reference_model=reference if keeps_reference else None,
         value_head=trainable["value_head"].module if "value_head" in trainable else None,
@@ -124,7 +114,7 @@ def _load_data(rc: RunConfig) -> tuple[TextData, object]:
     """The dataset's text pairs and the aux reward R (a bad reward fails here, before the model loads)."""
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
     log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
-    aux_reward = build_aux_reward(rc.aux_reward, text.task)
+    aux_reward = build_aux_reward(rc.aux_reward_configs, text.task)
     request = text.pairs_from_samples
     if request is not None and (aux_reward is None or request.scorer not in aux_reward.components):
         raise ValueError(
@@ -160,21 +150,6 @@ def _packing(trainer) -> Packing:
     return Packing(trainer.packing, trainer.pack_tokens, width, trainer.share_prompts)
 
 
-def _reference_logps(rc: RunConfig, reference, table, packing: Packing, device) -> tuple[Tensor, str]:
-    """(S,) the reference's log-prob of every table sequence, from the cache when it holds them."""
-    chunk = rc.trainer.logps_chunk_tokens
-    return cached_reference_logps(
-        reference,
-        table,
-        lambda: _all_sequence_logps(reference, table, chunk, device, packing),
-        device,
-        enabled=rc.trainer.reference_cache,
-        chunk_tokens=chunk,
-        precision=rc.trainer.precision,
-        packing=[packing.mode, packing.pack_tokens, packing.shares_prompts(reference, device)],
-    )
-
-
 def _aux_scores(aux_reward, table: SequenceTable, device) -> tuple[Tensor | None, dict[str, Tensor]]:
     """R (S,) and each unweighted r_k (S,) of every table sequence; (None, {}) without an aux reward."""
     if aux_reward is None:
@@ -196,76 +171,6 @@ def _trainable_parts(rc: RunConfig, policy, needs, device) -> dict[str, Trainabl
         head = ValueHead(policy.config.hidden_size, rc.trainer.value_head_width).to(device)
         parts["value_head"] = TrainablePart(head, {"lr": rc.trainer.value_head_lr})
     return parts
-
-
-def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
-    """Pairs from `samples_per_prompt` completions of each prompt by the starting model (the reference),
-    ranked by the request's aux reward (the DPO paper's IMDb pairs)."""
-    from dataclasses import replace
-
-    from prefopt.config import GenerationConfig
-    from prefopt.data.imdb import pairs_from_samples
-    from prefopt.models.sampling import sample
-
-    request = text.pairs_from_samples
-    cfg = GenerationConfig(num_samples=request.samples_per_prompt, max_new_tokens=request.max_new_tokens)
-    table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens, text.max_length)
-    scorer = aux_reward.components[request.scorer]
-    was_training = model.training
-    model.eval()
-    splits = {}
-    for name, prompts in (("train", request.train_prompts), ("eval", request.eval_prompts)):
-        ids = [table.prompt_ids[table.prompt(p)] for p in prompts]
-        samples, _ = sample(model, tokenizer, ids, cfg, device, request.seed)
-        flat = [y for row in samples for y in row]
-        repeated = [p for p in prompts for _ in range(cfg.num_samples)]
-        scores = score_responses(scorer, repeated, flat, progress=progress_enabled()).reshape(
-            len(prompts), -1
-        )
-        splits[name] = pairs_from_samples(
-            prompts, samples, scores.tolist(), request.max_pairs_per_prompt, request.seed
-        )
-        log.info(
-            "%s: %d pairs from %d prompts x %d samples",
-            name,
-            len(splits[name]),
-            len(prompts),
-            cfg.num_samples,
-        )
-    model.train(was_training)
-    for name, pairs in splits.items():
-        if not len(pairs):
-            raise ValueError(f"dataset: no {name} pair: every prompt's samples scored alike")
-    report = {**text.report, "sampled_pairs": {k: len(v) for k, v in splits.items()}}
-    return replace(text, train=splits["train"], eval=splits["eval"], report=report, pairs_from_samples=None)
-
-
-def _wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
-    """Fit pi_ref only where it means something: a task that has one, and a policy that starts untrained
-    (a checkpoint continues as it is) unless `trainer.reference_fit.enabled` says otherwise."""
-    cfg = rc.trainer.reference_fit
-    enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
-    return bool(enabled) and task is not None and cfg.max_steps > 0
-
-
-def data_vocabulary(text: TextData) -> list[str]:
-    """Every word of the data (for the embedded word tokenizer), chat messages' roles and contents too."""
-    if text.task is not None:
-        return text.task.vocabulary()
-
-    def words(value) -> list[str]:
-        if isinstance(value, str):
-            return value.split()
-        return render_prompt(None, value).split()  # messages, as a tokenizer without a template sees them
-
-    pairs = (text.train, text.eval)
-    vocabulary = {
-        w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in words(t)
-    }
-    if text.pairs_from_samples is not None:  # prompts whose responses the model will write
-        request = text.pairs_from_samples
-        vocabulary |= {w for p in (*request.train_prompts, *request.eval_prompts) for w in words(p)}
-    return sorted(vocabulary)
 
 
 def _split(table: SequenceTable, pairs: TextPairs, name: str) -> PairSplit:
@@ -302,76 +207,3 @@ def _mismatched(table: SequenceTable, split: PairSplit, seed: int) -> Tensor:
         response = table.sequence_response[int(split.chosen[j])]
         sequences.append(table.sequence(int(split.prompts[i]), response))
     return torch.tensor(sequences, dtype=torch.long)
-
-
-def _fit_reference(rc: RunConfig, policy, table, candidates, task: SyntheticTask, device) -> dict:
-    cfg = rc.trainer.reference_fit
-    key = cache_key(rc.raw["model"], rc.raw["dataset"], vars(cfg), rc.seed, task.vocabulary())
-    report = load_cached(policy, key) if cfg.cache else None
-    if report is None:
-        target = torch.as_tensor(task.pi_ref, dtype=torch.float32)
-        report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
-        if cfg.cache and report["kl"] <= cfg.max_kl:
-            store_cached(policy, key, report)
-    # Where the fitted reference is and what it is, for summary.json: `prefopt evaluate` checks its digest
-    report |= {"cache_key": key, "weights_sha256": weights_sha256(policy)}
-    log.info(
-        "reference fit: KL(pi_ref || pi_theta0) = %.5f (target %g), mass outside candidates = %.4f, "
-        "%d steps%s",
-        report["kl"],
-        cfg.target_kl,
-        report["outside_mass"],
-        report["steps"],
-        " (cached)" if report["cached"] else f" in {report['seconds']:.1f} s",
-    )
-    check_fit(report, cfg)
-    return report
-
-
-def _reference(rc: RunConfig, policy, device):
-    """The frozen pi_ref: the checkpoint `model.reference_name_or_path` names; else the starting policy,
-    which under LoRA is the policy itself with its adapters disabled (no second copy in memory)."""
-    from prefopt.models.lora import adapter_reference, is_lora
-
-    path = getattr(rc.model, "reference_name_or_path", None)
-    if not path and is_lora(policy):
-        return adapter_reference(policy)
-    dtype = getattr(rc.model, "dtype", "float32")
-    safetensors = getattr(rc.model, "use_safetensors", True)
-    reference = load_reference(path, dtype, safetensors).to(device) if path else copy.deepcopy(policy)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-@torch.no_grad()
-def _all_sequence_logps(
-    model,
-    table: SequenceTable,
-    chunk_tokens: int,
-    device,
-    packing: Packing | None = None,
-    rows_per_pass: int | None = None,
-) -> Tensor:
-    """(S,) every table sequence's log-prob, in passes of at most `rows_per_pass` rows as wide as the
-    longest sequence (or `pack_tokens`): where the model shares prompts, sequences grouped by prompt, as
-    many tokens per pass; else the whole table packed at once where the model packs (`packing`, None:
-    auto), else length-sorted. `rows_per_pass` None: 16 on CPU, where passes that stay in cache
-    run faster (9k against 6k tokens/s for 256 rows, 5.5 M-parameter Llama, 1 thread), 256 elsewhere."""
-    from dataclasses import replace
-
-    if rows_per_pass is None:
-        rows_per_pass = 16 if torch.device(device).type == "cpu" else 256
-    lengths, packing = table.lengths(), packing or Packing()
-    if packing.shares_prompts(model, device):  # prompt groups, as many tokens per pass as packed rows
-        prompt_lengths = torch.tensor([len(table.prompt_ids[p]) for p in table.sequence_prompt])
-        prompts = torch.tensor(table.sequence_prompt)
-        passes = prompt_group_passes(prompts, lengths, prompt_lengths, rows_per_pass * int(lengths.max()))
-    else:
-        budget = (packing.pack_tokens or int(lengths.max())) if packing.packs(model, device) else None
-        packing = replace(packing, pack_tokens=budget)  # each pass re-packs its rows' sequences, as wide
-        passes = whole_table_passes(lengths, rows_per_pass, budget)
-    logps = torch.zeros(len(table), dtype=torch.float32, device=device)
-    for part in progress(my_share(passes), desc="reference log-probs", unit="batch"):  # under torchrun
-        logps[part.to(device)] = packing.logps(model, table.pad(part).to(device), chunk_tokens)
-    return sum_across_ranks(logps)  # each rank computed its share of the passes

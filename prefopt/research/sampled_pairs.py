@@ -41,8 +41,8 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
     """The pairs of `rc`'s dataset=imdb request as `<out_dir>/train.jsonl` and `test.jsonl`; returns
     out_dir, for `dataset.pairs_path`."""
     from prefopt.data import DATASETS
-    from prefopt.engine.prepare import data_vocabulary, pairs_from_model_samples
     from prefopt.engine.reference_fit import weights_sha256
+    from prefopt.engine.sampled_data import data_vocabulary, pairs_from_model_samples
     from prefopt.models import MODELS
     from prefopt.rewards import build_aux_reward
 
@@ -51,7 +51,7 @@ def precompute_pairs(rc, out_dir: Path, threads: int = 2) -> Path:
     request = text.pairs_from_samples
     if request is None:
         raise ValueError(f"dataset={rc.dataset_name}: no sampled-pairs request (pairs_path already given?)")
-    aux_reward = build_aux_reward(rc.aux_reward, text.task)
+    aux_reward = build_aux_reward(rc.aux_reward_configs, text.task)
     torch.manual_seed(rc.seed)
     model, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     key = json_sha256(

@@ -31,11 +31,11 @@ def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker, step: in
     cfg = rc.eval.generation
     judge = None
     if cfg.judge == "llm":
-        from omegaconf import OmegaConf
+        from prefopt.config import LLMJudgeConfig
+        from prefopt.evaluation.judges import LLMJudge
+        from prefopt.schema import validate
 
-        from prefopt.evaluation.judges import LLMJudge, LLMJudgeConfig
-
-        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LLMJudgeConfig), cfg.llm))
+        options = validate(LLMJudgeConfig, cfg.llm, "eval.generation.llm")
         judge = LLMJudge(options, run_dir / "judge_cache")
     metrics, samples, scores, judgements = evaluate_generations(run, cfg, rc.seed, device, judge)
     rows = write_samples(run_dir / "generations.jsonl", samples, scores, judgements)
