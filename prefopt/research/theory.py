@@ -12,9 +12,6 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.objectives import OBJECTIVES
-from prefopt.research.figures import CONVERGED
-from prefopt.research.formatting import fmt, fmt_value
 from prefopt.evaluation.population import (
     is_tabular,
     kl_divergence,
@@ -22,6 +19,9 @@ from prefopt.evaluation.population import (
     strength_key,
     total_variation,
 )
+from prefopt.objectives import OBJECTIVES
+from prefopt.research.figures import CONVERGED
+from prefopt.research.formatting import fmt, fmt_value
 from prefopt.research.report import converged_label
 from prefopt.research.sweep import Job, job_value, load_sweep
 
