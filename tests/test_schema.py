@@ -128,7 +128,7 @@ def choices(check: Check) -> tuple:
 
 
 def test_allowed_optimizers_are_the_optimizer_registry():
-    from prefopt.training.setup import OPTIMIZERS
+    from prefopt.optimizers import OPTIMIZERS
 
     assert choices(TrainerConfig.checks["optimizer"]) == tuple(OPTIMIZERS)
 

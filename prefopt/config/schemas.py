@@ -24,8 +24,8 @@ from prefopt.schema import (
 
 
 def optimizer_names() -> tuple[str, ...]:
-    """The optimizer registry's names (prefopt.training.setup.OPTIMIZERS, read when a config is checked)."""
-    from prefopt.training.setup import OPTIMIZER_NAMES
+    """The optimizer registry's names (prefopt.optimizers.OPTIMIZERS, read when a config is checked)."""
+    from prefopt.optimizers import OPTIMIZER_NAMES
 
     return OPTIMIZER_NAMES
 
@@ -46,7 +46,7 @@ class ReferenceFitConfig:
 class TrainerConfig:
     max_steps: int = 200  # optimizer steps
     epochs: float | None = None  # passes over the train pairs; when set, it decides max_steps
-    optimizer: str = "adamw"  # a prefopt.training.setup.OPTIMIZERS name: adamw | rmsprop
+    optimizer: str = "adamw"  # a prefopt.optimizers.OPTIMIZERS name: adamw | rmsprop
     batch_size: int = 32  # preference pairs per optimizer step (a smaller dataset gives full-batch steps)
     micro_batch_size: int | None = None  # pairs per forward pass; None: the whole batch (no accumulation)
     lr: float = 1e-3  # peak learning rate (AdamW)
