@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from prefopt.data import DATASETS, load_synthetic
+from prefopt.data.exact_metrics import exact_metrics
 from prefopt.data.preference import PreferenceFileConfig
 from prefopt.data.synthetic import ContextSpec, SyntheticConfig, build_task
-from prefopt.evaluation.exact import exact_metrics
 
 PI_STAR = [0.6, 0.3, 0.1]
 

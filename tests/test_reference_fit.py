@@ -10,7 +10,6 @@ from conftest import compose_config, torch_threads
 from prefopt.config import load_run_config
 from prefopt.data import DATASETS
 from prefopt.data.batching import SequenceTable
-from prefopt.engine.prepare import _candidates
 from prefopt.engine.reference_fit import (
     cache_dir,
     candidate_fit,
@@ -48,7 +47,7 @@ def build(*overrides: str):
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     table = SequenceTable(tokenizer, text.max_prompt_tokens, text.max_response_tokens)
     target = torch.as_tensor(text.task.pi_ref, dtype=torch.float32)
-    return rc, policy, table, _candidates(table, text.task), target
+    return rc, policy, table, text.task.candidate_ids(table), target
 
 
 @torch.no_grad()

@@ -14,12 +14,12 @@ from prefopt.data.mixture import MixtureConfig, load_mixture
 from prefopt.data.oasst import OASSTConfig, load_oasst
 from prefopt.data.pairs import TextData, TextPairs
 from prefopt.data.preference import PreferenceFileConfig, load_preference
-from prefopt.data.registry import DATASETS, DatasetSpec
+from prefopt.data.registry import DATASETS, DatasetSpec, register
 from prefopt.data.shp import SHPConfig, load_shp
 from prefopt.data.synthetic import SyntheticConfig, build_task
 from prefopt.data.ultrafeedback import UltraFeedbackConfig, load_ultrafeedback
 
-__all__ = ["DATASETS", "DatasetSpec", "TextData", "TextPairs", "load_synthetic"]
+__all__ = ["DATASETS", "DatasetSpec", "TextData", "TextPairs", "load_synthetic", "register"]
 
 
 def load_synthetic(cfg: SyntheticConfig, seed: int) -> TextData:

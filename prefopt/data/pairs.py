@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefopt.data.ground_truth import NO_GROUND_TRUTH
+
 Prompt = str | list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 
@@ -49,10 +51,15 @@ class TextData:
     eval: TextPairs
     max_prompt_tokens: int
     max_response_tokens: int
-    task: Any = None  # a SyntheticTask for dataset=synthetic
+    task: Any = None  # the ground truth the dataset declares (`prefopt.data.ground_truth`), if it has one
     max_length: int | None = None  # prompt + response tokens; None: the two limits only
     report: dict = field(default_factory=dict)
     pairs_from_samples: Any = None  # a SampledPairs request: the pairs come from the reference's samples
+
+    @property
+    def ground_truth(self):
+        """The dataset's ground truth; `NO_GROUND_TRUTH` (empty answers) when it has none."""
+        return NO_GROUND_TRUTH if self.task is None else self.task
 
 
 @dataclass

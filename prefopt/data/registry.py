@@ -22,3 +22,12 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {}  # filled by prefopt.data
+
+
+def register(name: str, spec: DatasetSpec) -> None:
+    """Make `dataset.name=<name>` select `spec`, as a built-in dataset; refuses a name already taken."""
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"register({name!r}, ...) takes a DatasetSpec, got {type(spec).__name__}")
+    if name in DATASETS:
+        raise ValueError(f"dataset {name!r} is already registered")
+    DATASETS[name] = spec

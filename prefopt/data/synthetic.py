@@ -9,9 +9,15 @@ Pairs are drawn as in the EXPO code: (y1, y2) uniform, ties dropped, winner draw
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
+
+from prefopt.data.exact_metrics import exact_metrics
+from prefopt.data.ground_truth import CandidateScores
 
 # Candidate words: plain ones and long polysyllabic ones, so readability and length rewards differ.
 PLAIN_WORDS = [
@@ -134,6 +140,33 @@ class SyntheticTask:
             w for c in self.candidates for y in c for w in y.split()
         }
         return sorted(words)
+
+    # As a ground truth (`prefopt.data.ground_truth.GroundTruth`):
+    enumerates_responses = True
+
+    def candidate_ids(self, table) -> torch.Tensor:
+        """(P, K) the candidates as sequences of `table` (added to it)."""
+        return torch.tensor([[table.add(p, y) for y in ys] for p, ys in zip(self.prompts, self.candidates)])
+
+    def fit_target(self) -> torch.Tensor:
+        return torch.as_tensor(self.pi_ref, dtype=torch.float32)  # (P, K)
+
+    def exact_metrics(self, scores: Callable[[], CandidateScores]) -> dict[str, float]:
+        s = scores()
+        return exact_metrics(self, s.policy_logps, s.reference_logps, s.aux_rewards, s.aux_components)
+
+    def convergence_target(self, target: Callable[[], Any]) -> Any:
+        return target()
+
+    def record(self) -> dict:
+        """The truth the run was measured against, so reports need not rebuild a drawn task."""
+        return {
+            "prompts": self.prompts,
+            "candidates": self.candidates,
+            "pi_star": self.pi_star.tolist(),
+            "pi_ref": self.pi_ref.tolist(),
+            "good": self.good.tolist(),
+        }
 
 
 def build_task(cfg: SyntheticConfig, seed: int) -> SyntheticTask:

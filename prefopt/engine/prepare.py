@@ -13,9 +13,9 @@ from torch import Tensor
 from prefopt.config import RunConfig
 from prefopt.data import DATASETS, TextData
 from prefopt.data.batching import PairSplit, SequenceTable
+from prefopt.data.ground_truth import GroundTruth
 from prefopt.data.layout import Packing
 from prefopt.data.preference import TextPairs
-from prefopt.data.synthetic import SyntheticTask
 from prefopt.engine.kl_estimators import KL_ESTIMATORS, NO_KL, KLSetup
 from prefopt.engine.reference import fit_to_task, frozen_reference, reference_logps, wants_reference_fit
 from prefopt.engine.reference_cache import free_memory
@@ -46,8 +46,8 @@ class PreparedRun:
     table: SequenceTable
     train: PairSplit
     eval: PairSplit
-    task: SyntheticTask | None
-    candidates: Tensor | None  # (P, K) sequence ids of each task prompt's candidates
+    truth: GroundTruth  # what the dataset knows (`NO_GROUND_TRUTH`: nothing)
+    candidates: Tensor | None  # (P, K) sequence ids of each prompt's candidates, where the truth has them
     kl_side: dict[int, list[int]] | None  # prompt id -> side sequence ids for the KL estimator
     inputs: LossInputs
     reference_fit: dict | None
@@ -62,9 +62,9 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     """Data, aux reward, model, tokens, reference (fitted where the task has one), the caches the loop
     reads, and the trainable parts; each part is asked for what it declares."""
     text, aux_reward = _load_data(rc)
-    needs = rc.objective.requirements()
+    truth, needs = text.ground_truth, rc.objective.requirements()
     estimator = KL_ESTIMATORS[rc.objective.kl_estimator] if needs.kl else NO_KL
-    estimator.check(enumerates_responses=text.task is not None)
+    estimator.check(enumerates_responses=truth.enumerates_responses)
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     policy.to(device)
@@ -72,15 +72,15 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         text = pairs_from_model_samples(text, policy, tokenizer, aux_reward, device)
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table, train, held_out = _tokenize(tokenizer, text)
-    candidates = _candidates(table, text.task) if text.task is not None else None
+    candidates = truth.candidate_ids(table)
     if needs.mismatched:
         for split in (train, held_out):
             split.mismatched = _mismatched(table, split, rc.seed)
     fit_report = None
-    if wants_reference_fit(rc, text.task):
-        fit_report = fit_to_task(rc, policy, table, candidates, text.task, device)
+    if wants_reference_fit(rc, truth):
+        fit_report = fit_to_task(rc, policy, table, candidates, truth, device)
     reference = frozen_reference(rc, policy, device)
-    kl_side = estimator.side_sequences(_kl_setup(rc, table, text, candidates, reference, device))
+    kl_side = estimator.side_sequences(_kl_setup(rc, table, truth, candidates, reference, device))
     packing = _packing(rc.trainer)
     cached_logps, reference_cache = reference_logps(rc, reference, table, packing, device)
     keeps_reference = estimator.reads_reference_model
@@ -105,7 +105,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     report = {**text.report, "train_pairs": len(train), "eval_pairs": len(held_out)}
     report |= {"tokenization": table.counts.as_dict(), "reference_logps_cache": reference_cache}
     return PreparedRun(
-        policy, tokenizer, table, train, held_out, text.task, candidates, kl_side, inputs, fit_report,
+        policy, tokenizer, table, train, held_out, truth, candidates, kl_side, inputs, fit_report,
         aux_components, report, reference, aux_reward, trainable,
     )  # fmt: skip
 
@@ -139,10 +139,9 @@ def _tokenize(tokenizer, text: TextData) -> tuple[SequenceTable, PairSplit, Pair
     return table, train, held_out
 
 
-def _kl_setup(rc: RunConfig, table, text: TextData, candidates, reference, device) -> KLSetup:
-    prompts = text.task.prompts if candidates is not None else []
+def _kl_setup(rc: RunConfig, table, truth: GroundTruth, candidates, reference, device) -> KLSetup:
     per_prompt = getattr(rc.objective, "kl_samples_per_prompt", 0)  # the objectives with a KL term have it
-    return KLSetup(table, prompts, candidates, reference, per_prompt, rc.seed, device)
+    return KLSetup(table, truth.prompts, candidates, reference, per_prompt, rc.seed, device)
 
 
 def _packing(trainer) -> Packing:
@@ -192,10 +191,6 @@ def _split(table: SequenceTable, pairs: TextPairs, name: str) -> PairSplit:
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     labels = torch.tensor([pairs.labels[i] for i in kept])
     return PairSplit(as_long(chosen), as_long(rejected), labels, as_long(prompts))
-
-
-def _candidates(table: SequenceTable, task: SyntheticTask) -> Tensor:
-    return torch.tensor([[table.add(p, y) for y in ys] for p, ys in zip(task.prompts, task.candidates)])
 
 
 def _mismatched(table: SequenceTable, split: PairSplit, seed: int) -> Tensor:

@@ -11,9 +11,9 @@ from torch import Tensor
 
 from prefopt.config import RunConfig
 from prefopt.data.batching import SequenceTable
+from prefopt.data.ground_truth import GroundTruth
 from prefopt.data.layout import Packing
 from prefopt.data.packing import prompt_group_passes, whole_table_passes
-from prefopt.data.synthetic import SyntheticTask
 from prefopt.engine.distributed import my_share, sum_across_ranks
 from prefopt.engine.reference_cache import cached_reference_logps
 from prefopt.engine.reference_fit import (
@@ -30,20 +30,23 @@ from prefopt.progress import progress
 log = logging.getLogger(__name__)
 
 
-def wants_reference_fit(rc: RunConfig, task: SyntheticTask | None) -> bool:
-    """Fit pi_ref only where it means something: a task that has one, and a policy that starts untrained
-    (a checkpoint continues as it is) unless `trainer.reference_fit.enabled` says otherwise."""
+def wants_reference_fit(rc: RunConfig, truth: GroundTruth) -> bool:
+    """Fit pi_ref only where it means something: a ground truth that knows pi_ref over its candidates,
+    and a policy that starts untrained (a checkpoint continues as it is) unless `trainer.reference_fit.enabled`
+    says otherwise."""
     cfg = rc.trainer.reference_fit
     enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
-    return bool(enabled) and task is not None and cfg.max_steps > 0
+    return bool(enabled) and truth.fit_target() is not None and cfg.max_steps > 0
 
 
-def fit_to_task(rc: RunConfig, policy, table, candidates, task: SyntheticTask, device) -> dict:
+def fit_to_task(rc: RunConfig, policy, table, candidates, truth: GroundTruth, device) -> dict:
+    """Fit the starting policy to the ground truth's pi_ref over its candidates (cached per model, data,
+    fit settings and seed); the fit's report for summary.json."""
     cfg = rc.trainer.reference_fit
-    key = cache_key(rc.raw["model"], rc.raw["dataset"], vars(cfg), rc.seed, task.vocabulary())
+    key = cache_key(rc.raw["model"], rc.raw["dataset"], vars(cfg), rc.seed, truth.vocabulary())
     report = load_cached(policy, key) if cfg.cache else None
     if report is None:
-        target = torch.as_tensor(task.pi_ref, dtype=torch.float32)
+        target = truth.fit_target()
         report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
         if cfg.cache and report["kl"] <= cfg.max_kl:
             store_cached(policy, key, report)

@@ -58,8 +58,9 @@ def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, devic
 
 def data_vocabulary(text: TextData) -> list[str]:
     """Every word of the data (for the embedded word tokenizer), chat messages' roles and contents too."""
-    if text.task is not None:
-        return text.task.vocabulary()
+    known = text.ground_truth.vocabulary()
+    if known is not None:  # a ground truth knows every word of its prompts and candidates
+        return known
 
     def words(value) -> list[str]:
         if isinstance(value, str):

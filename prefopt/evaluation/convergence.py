@@ -28,7 +28,6 @@ from prefopt.config import ConvergenceConfig
 from prefopt.evaluation.population import empirical_weights, is_tabular, tabular_minimizer, total_variation
 
 if TYPE_CHECKING:
-    from prefopt.config import RunConfig
     from prefopt.engine.prepare import PreparedRun
 
 
@@ -117,38 +116,40 @@ def own_pairs_minimizer(
 
 
 def run_convergence(
-    rc: RunConfig,
+    objective_name: str,
+    objective,
+    criteria: ConvergenceConfig,
     run: PreparedRun,
-    step_losses: list[float],
-    grad_norms: list[float],
-    final_eval: dict,
-    final_detail: dict,
+    series: tuple[list[float], list[float]],
+    final: tuple[dict, dict],
     full_batch: bool,
 ) -> dict:
-    """A finished run's convergence section; on a ground-truth task, against the minimizer of the run's
-    own training pairs, with the policy read from the final evaluation's per-prompt detail."""
-    minimizer = policy = None
-    if run.task is not None:
-        num_prompts, num_candidates = run.candidates.shape
-        where = {int(s): (p, k) for p, row in enumerate(run.candidates.tolist()) for k, s in enumerate(row)}
-        chosen = torch.tensor([where[int(s)] for s in run.train.chosen])  # (N, 2) (prompt, candidate)
-        rejected = torch.tensor([where[int(s)] for s in run.train.rejected])
-        ids = run.candidates.flatten()
-        reference = run.inputs.reference_logps[ids.to(run.inputs.reference_logps.device)].cpu()
-        tokens = run.table.pad(ids).response_tokens.view(num_prompts, num_candidates)
-        minimizer = own_pairs_minimizer(
-            rc.objective_name,
-            rc.objective,
-            chosen,
-            rejected,
-            reference.view(num_prompts, num_candidates),
-            tokens,
-        )
-        policy = [
-            [final_detail[f"eval/pi_theta/p{p}/y{k}"] for k in range(num_candidates)]
-            for p in range(num_prompts)
-        ]
-    outside = final_eval.get("eval/outside_mass")
-    return convergence_report(
-        step_losses, grad_norms, rc.eval.convergence, outside, minimizer, policy, full_batch
+    """A finished run's convergence section from its (step losses, grad norms) `series` and its `final`
+    (metrics, per-prompt detail); where the dataset has a ground truth, against the minimizer of the
+    run's own training pairs, with the policy read from the final evaluation's per-prompt detail."""
+    final_eval, final_detail = final
+    minimizer, policy = run.truth.convergence_target(
+        lambda: _own_pairs_target(objective_name, objective, run, final_detail)
     )
+    outside = final_eval.get("eval/outside_mass")
+    return convergence_report(*series, criteria, outside, minimizer, policy, full_batch)
+
+
+def _own_pairs_target(objective_name: str, objective, run: PreparedRun, final_detail: dict) -> tuple:
+    """(the minimizer of the objective on the run's own training pairs, the final policy), both (P, K)
+    lists over the candidates; the minimizer None where the objective has no tabular form."""
+    num_prompts, num_candidates = run.candidates.shape
+    where = {int(s): (p, k) for p, row in enumerate(run.candidates.tolist()) for k, s in enumerate(row)}
+    chosen = torch.tensor([where[int(s)] for s in run.train.chosen])  # (N, 2) (prompt, candidate)
+    rejected = torch.tensor([where[int(s)] for s in run.train.rejected])
+    ids = run.candidates.flatten()
+    reference = run.inputs.reference_logps[ids.to(run.inputs.reference_logps.device)].cpu()
+    tokens = run.table.pad(ids).response_tokens.view(num_prompts, num_candidates)
+    shape = (num_prompts, num_candidates)
+    minimizer = own_pairs_minimizer(
+        objective_name, objective, chosen, rejected, reference.view(shape), tokens
+    )
+    policy = [
+        [final_detail[f"eval/pi_theta/p{p}/y{k}"] for k in range(num_candidates)] for p in range(num_prompts)
+    ]
+    return minimizer, policy

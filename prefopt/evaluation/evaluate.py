@@ -1,5 +1,5 @@
 """The evaluation stage: preference metrics on the held-out pairs and, on a task with a known ground
-truth, exact metrics over every prompt's candidates (see `evaluation.exact.exact_metrics`).
+truth, exact metrics over every prompt's candidates (the dataset's `GroundTruth.exact_metrics`).
 
 `evaluate` returns scalar metrics (logged every evaluation) and per-prompt detail (`pi_theta/p<i>/y<k>`,
 `outside_mass/p<i>`: kept in eval.json only, so step metrics, W&B and reports stay readable)."""
@@ -12,9 +12,9 @@ from collections import defaultdict
 import torch
 
 from prefopt.data.batching import make_batch
+from prefopt.data.ground_truth import CandidateScores
 from prefopt.engine.prepare import PreparedRun
 from prefopt.engine.step import pair_loss, reference_side
-from prefopt.evaluation.exact import exact_metrics
 from prefopt.progress import progress
 
 PER_PROMPT = re.compile(r"/p\d+(/|$)")  # a metric key with a per-prompt path segment
@@ -41,8 +41,8 @@ def evaluate(
         for name, value in sums.items():
             totals[name] += value
     metrics = {f"eval/{name}": value / len(run.eval) for name, value in totals.items()}
-    if run.task is not None:
-        metrics.update({f"eval/{k}": v for k, v in candidate_metrics(run, device, autocast).items()})
+    exact = run.truth.exact_metrics(lambda: candidate_scores(run, device, autocast))
+    metrics.update({f"eval/{k}": v for k, v in exact.items()})
     for module in modules:
         module.train()
     detail = {k: v for k, v in metrics.items() if is_per_prompt(k)}
@@ -58,7 +58,8 @@ def candidate_logps(run: PreparedRun, device, autocast) -> torch.Tensor:
     return logps.float().view(run.candidates.shape)
 
 
-def candidate_metrics(run: PreparedRun, device, autocast) -> dict[str, float]:
+def candidate_scores(run: PreparedRun, device, autocast) -> CandidateScores:
+    """The policy's and the reference's log-probs of every prompt's candidates, and their aux rewards."""
     ids, shape = run.candidates.flatten().to(device), run.candidates.shape
     policy_logps = candidate_logps(run, device, autocast)
     reference_logps = reference_side(run.inputs, policy_logps.flatten(), ids).view(shape)
@@ -68,4 +69,4 @@ def candidate_metrics(run: PreparedRun, device, autocast) -> dict[str, float]:
 
     aux = per_candidate(run.inputs.aux_rewards) if run.inputs.aux_rewards is not None else None
     components = {name: per_candidate(scores) for name, scores in run.aux_components.items()}
-    return exact_metrics(run.task, policy_logps, reference_logps, aux, components)
+    return CandidateScores(policy_logps, reference_logps, aux, components)

@@ -191,8 +191,9 @@ def _score(run, prompts: list[str], flat: dict[str, list[str]]) -> dict[str, dic
             }
             combined = run.aux_reward.combine({k.split("/", 1)[1]: v for k, v in parts.items()})
             scores[model] |= {"aux_reward": np.asarray(combined), **parts}
-        if run.task is not None:
-            scores[model]["oracle_reward"] = np.asarray(run.task.oracle_reward(prompts, responses))
+        oracle = run.truth.oracle_reward(prompts, responses)  # None without a ground truth
+        if oracle is not None:
+            scores[model]["oracle_reward"] = np.asarray(oracle)
     return scores
 
 
@@ -200,7 +201,7 @@ def _judge(run, judge, prompts: list[str], flat: dict[str, list[str]], scores: d
     """judgements[other] (P*S,): the probability that the policy's sample beats the reference's (or the
     chosen response), by `judge`, else by the oracle reward where the task has one, else the aux reward."""
     judgements = {}
-    key = "oracle_reward" if run.task is not None else "aux_reward"
+    key = "oracle_reward" if "oracle_reward" in scores["policy"] else "aux_reward"
     for other in ("reference", "chosen"):
         if judge is not None:
             verdicts = judge.compare(prompts, flat["policy"], flat[other])

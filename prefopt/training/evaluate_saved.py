@@ -159,7 +159,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     from prefopt.evaluation.evaluate import evaluate
     from prefopt.files import atomic_write_json
     from prefopt.training.loop_state import planned_steps
-    from prefopt.training.run_summary import brief, generation_eval, run_name, task_record
+    from prefopt.training.run_summary import brief, generation_eval, run_name
     from prefopt.training.setup import autocast_for, configure_torch, speed_up
     from prefopt.training.tracking import Tracker
 
@@ -187,7 +187,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     finally:
         tracker.finish()
     log.info("eval @ step %d: %s", step, brief(metrics))
-    atomic_write_json(out / "eval.json", {"final": {**metrics, **detail}, "task": task_record(run.task)})
+    atomic_write_json(out / "eval.json", {"final": {**metrics, **detail}, "task": run.truth.record()})
     summary = {
         "status": "completed",
         "evaluated": str(source or rc.model.name_or_path),

@@ -249,7 +249,7 @@ def finish(loop: Loop, started: float) -> dict:
     from prefopt.engine.distributed import export_policy, gathered, world
     from prefopt.evaluation.convergence import run_convergence
     from prefopt.files import atomic_write_json
-    from prefopt.training.run_summary import generation_eval, task_record
+    from prefopt.training.run_summary import generation_eval
 
     rc, run, state = loop.rc, loop.run, loop.state
     final_eval, final_detail = run_eval(loop, loop.max_steps)
@@ -258,7 +258,13 @@ def finish(loop: Loop, started: float) -> dict:
             final_eval |= generation_eval(rc, run, loop.run_dir, loop.device, loop.tracker, loop.max_steps)
     full_batch = loop.sampler.batch_size == len(run.train)
     convergence = run_convergence(
-        rc, run, state.step_losses, state.grad_norms, final_eval, final_detail, full_batch
+        rc.objective_name,
+        rc.objective,
+        rc.eval.convergence,
+        run,
+        (state.step_losses, state.grad_norms),
+        (final_eval, final_detail),
+        full_batch,
     )
     if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
         export_policy(run, rc, loop.run_dir / "checkpoint")
@@ -266,7 +272,7 @@ def finish(loop: Loop, started: float) -> dict:
         "history": state.history,
         "final": {**final_eval, **final_detail},
         "reference": {**state.reference_eval, **state.reference_detail},
-        "task": task_record(run.task),
+        "task": run.truth.record(),  # the ground truth measured against, so reports need not rebuild it
     }
     if world().is_main:
         atomic_write_json(loop.run_dir / "eval.json", evaluation)

@@ -1,5 +1,5 @@
-"""What a run reports besides its metrics: the closing table, the one-line brief of a metrics dict, the
-task's ground truth for eval.json, and the generation-based evaluation's files."""
+"""What a run reports besides its metrics: the closing table, the one-line brief of a metrics dict, and
+the generation-based evaluation's files."""
 
 from __future__ import annotations
 
@@ -43,19 +43,6 @@ def generation_eval(rc: RunConfig, run, run_dir: Path, device, tracker, step: in
     tracker.log(metrics, rc.trainer.max_steps if step is None else step)
     tracker.table("eval/generations", ["prompt", "policy", "reference", "chosen"], rows)
     return metrics
-
-
-def task_record(task) -> dict | None:
-    """The ground truth the run was measured against, so reports need not rebuild a drawn task."""
-    if task is None:
-        return None
-    return {
-        "prompts": task.prompts,
-        "candidates": task.candidates,
-        "pi_star": task.pi_star.tolist(),
-        "pi_ref": task.pi_ref.tolist(),
-        "good": task.good.tolist(),
-    }
 
 
 BRIEF = ["loss", "rewards/accuracies", "rewards/margins", "win_rate", "kl_star", "outside_mass", "grad_norm"]

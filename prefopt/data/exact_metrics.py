@@ -3,11 +3,9 @@ enumerating every prompt's candidates."""
 
 from __future__ import annotations
 
-from prefopt.data.synthetic import SyntheticTask
-
 
 def exact_metrics(
-    task: SyntheticTask, policy_logps, reference_logps, aux_rewards=None, aux_components=None
+    task, policy_logps, reference_logps, aux_rewards=None, aux_components=None
 ) -> dict[str, float]:
     """Ground-truth metrics by enumerating each prompt's candidates (torch tensors, all (P, K)).
 
