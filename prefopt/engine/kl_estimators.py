@@ -33,7 +33,7 @@ class KLSetup:
     prompts: list  # the ground truth's prompts, candidates[i] being prompt i's
     candidates: Tensor | None  # (P, K) table sequence ids; None: the dataset enumerates no responses
     reference: object  # the frozen pi_ref
-    samples_per_prompt: int
+    objective: object  # the objective's config (a KL term's settings, e.g. kl_samples_per_prompt)
     seed: int
     device: object
 
@@ -82,7 +82,7 @@ class SampledKL:
 
     def side_sequences(self, setup: KLSetup) -> dict[int, list[int]]:
         return reference_samples(
-            setup.reference, setup.table, setup.samples_per_prompt, setup.seed, setup.device
+            setup.reference, setup.table, setup.objective.kl_samples_per_prompt, setup.seed, setup.device
         )
 
     def estimate(self, view: StepView) -> Tensor:

@@ -79,7 +79,8 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     fit_report = None
     if wants_reference_fit(rc, truth):
         fit_report = fit_to_task(rc, policy, table, candidates, truth, device)
-    reference = frozen_reference(rc, policy, device)
+    separate = rc.model.separate_reference()  # None: pi_ref is the starting policy
+    reference = frozen_reference(separate, policy, device)
     kl_side = estimator.side_sequences(_kl_setup(rc, table, truth, candidates, reference, device))
     packing = _packing(rc.trainer)
     cached_logps, reference_cache = reference_logps(rc, reference, table, packing, device)
@@ -100,7 +101,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         chunk_tokens=rc.trainer.logps_chunk_tokens,
         aux_components=aux_components,
         packing=packing,
-        policy_is_reference=not getattr(rc.model, "reference_name_or_path", None),  # pi_ref = pi_theta0
+        policy_is_reference=separate is None,  # pi_ref = pi_theta0 until the first optimizer step
     )
     report = {**text.report, "train_pairs": len(train), "eval_pairs": len(held_out)}
     report |= {"tokenization": table.counts.as_dict(), "reference_logps_cache": reference_cache}
@@ -140,8 +141,7 @@ def _tokenize(tokenizer, text: TextData) -> tuple[SequenceTable, PairSplit, Pair
 
 
 def _kl_setup(rc: RunConfig, table, truth: GroundTruth, candidates, reference, device) -> KLSetup:
-    per_prompt = getattr(rc.objective, "kl_samples_per_prompt", 0)  # the objectives with a KL term have it
-    return KLSetup(table, truth.prompts, candidates, reference, per_prompt, rc.seed, device)
+    return KLSetup(table, truth.prompts, candidates, reference, rc.objective, rc.seed, device)
 
 
 def _packing(trainer) -> Packing:

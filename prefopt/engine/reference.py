@@ -24,7 +24,7 @@ from prefopt.engine.reference_fit import (
     store_cached,
     weights_sha256,
 )
-from prefopt.models import MODELS, load_reference
+from prefopt.models import MODELS
 from prefopt.progress import progress
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def wants_reference_fit(rc: RunConfig, truth: GroundTruth) -> bool:
     """Fit pi_ref only where it means something: a ground truth that knows pi_ref over its candidates,
-    and a policy that starts untrained (a checkpoint continues as it is) unless `trainer.reference_fit.enabled`
-    says otherwise."""
+    and a policy that starts untrained (a checkpoint continues as it is) unless
+    `trainer.reference_fit.enabled` says otherwise."""
     cfg = rc.trainer.reference_fit
     enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
     return bool(enabled) and truth.fit_target() is not None and cfg.max_steps > 0
@@ -65,17 +65,15 @@ def fit_to_task(rc: RunConfig, policy, table, candidates, truth: GroundTruth, de
     return report
 
 
-def frozen_reference(rc: RunConfig, policy, device):
-    """The frozen pi_ref: the checkpoint `model.reference_name_or_path` names; else the starting policy,
-    which under LoRA is the policy itself with its adapters disabled (no second copy in memory)."""
+def frozen_reference(separate, policy, device):
+    """The frozen pi_ref: `separate` (the model config's `separate_reference()`) when the config names
+    one; else the starting policy, which under LoRA is the policy itself with its adapters disabled (no
+    second copy in memory)."""
     from prefopt.models.lora import adapter_reference, is_lora
 
-    path = getattr(rc.model, "reference_name_or_path", None)
-    if not path and is_lora(policy):
+    if separate is None and is_lora(policy):
         return adapter_reference(policy)
-    dtype = getattr(rc.model, "dtype", "float32")
-    safetensors = getattr(rc.model, "use_safetensors", True)
-    reference = load_reference(path, dtype, safetensors).to(device) if path else copy.deepcopy(policy)
+    reference = separate.to(device) if separate is not None else copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)
     return reference

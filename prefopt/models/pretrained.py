@@ -53,6 +53,13 @@ class PretrainedModelConfig:
         if self.source == "package" and self.gguf_package is None:
             raise ConfigFieldError("source", f"package needs model.gguf_package ({', '.join(GGUF_PACKAGES)})")
 
+    def separate_reference(self):
+        """The frozen reference `reference_name_or_path` names, loaded as the policy is; None: pi_ref is the
+        starting policy."""
+        if not self.reference_name_or_path:
+            return None
+        return load_reference(self.reference_name_or_path, self.dtype, self.use_safetensors)
+
     def preflight(self) -> None:
         """Before anything loads: every local path given exists (a hub id is looked up when it loads)."""
         for key in ("name_or_path", "tokenizer_name_or_path", "reference_name_or_path"):

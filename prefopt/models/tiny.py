@@ -20,6 +20,12 @@ class TinyModelConfig:
     reference_name_or_path: str | None = None  # None: the starting policy (under LoRA: adapters disabled)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
+    def separate_reference(self):
+        """The frozen reference `reference_name_or_path` names (fp32); None: the starting policy."""
+        from prefopt.models.pretrained import load_reference
+
+        return load_reference(self.reference_name_or_path) if self.reference_name_or_path else None
+
 
 def build_word_tokenizer(words: list[str]):
     """A whitespace word-level fast tokenizer: one token per word, so text length is token length."""

@@ -208,7 +208,7 @@ def _runs_own_reference(rc, run, source: Path, device) -> tuple[object, dict]:
     from prefopt.engine.prepare import prepare
     from prefopt.files import read_json
 
-    path = getattr(rc.model, "reference_name_or_path", None)
+    path = rc.model.reference_name_or_path  # every model config names its reference (None: the start)
     if run.reference_fit is None:
         return run, {"source": path or "the run's starting model (under LoRA: adapters off)"}
     summary = source / "summary.json"
