@@ -72,6 +72,14 @@ class SampledPairs:
     max_pairs_per_prompt: int | None
     seed: int
 
+    def check_scorer(self, aux_reward_names) -> None:
+        """Before the model loads: the aux reward that ranks the samples is configured."""
+        if self.scorer not in aux_reward_names:
+            raise ValueError(
+                f"dataset.scorer={self.scorer}: the pairs are ranked by that aux reward; configure it "
+                f"(aux_reward={self.scorer}) or give precomputed pairs with dataset.pairs_path"
+            )
+
 
 def review_prefixes(texts: list[str], min_words: int, max_words: int, rng: np.random.Generator) -> list[str]:
     """The first n words of each review (HTML line breaks as spaces), n drawn uniformly in [min, max]."""

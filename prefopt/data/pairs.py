@@ -56,6 +56,10 @@ class TextData:
     report: dict = field(default_factory=dict)
     pairs_from_samples: Any = None  # a SampledPairs request: the pairs come from the reference's samples
 
+    def requests_after_model(self) -> list:
+        """What the dataset asks of the starting model once it exists (pairs from its own samples)."""
+        return [self.pairs_from_samples] if self.pairs_from_samples is not None else []
+
     @property
     def ground_truth(self):
         """The dataset's ground truth; `NO_GROUND_TRUTH` (empty answers) when it has none."""

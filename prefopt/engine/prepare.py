@@ -19,7 +19,7 @@ from prefopt.data.preference import TextPairs
 from prefopt.engine.kl_estimators import KL_ESTIMATORS, NO_KL, KLSetup
 from prefopt.engine.reference import fit_to_task, frozen_reference, reference_logps, wants_reference_fit
 from prefopt.engine.reference_cache import free_memory
-from prefopt.engine.sampled_data import data_vocabulary, pairs_from_model_samples
+from prefopt.engine.sampled_data import data_after_model, data_vocabulary
 from prefopt.engine.step import LossInputs
 from prefopt.models import MODELS, count_parameters
 from prefopt.models.value_head import ValueHead
@@ -68,8 +68,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
     policy.to(device)
-    if text.pairs_from_samples is not None:  # the data's pairs come from the starting model's samples
-        text = pairs_from_model_samples(text, policy, tokenizer, aux_reward, device)
+    text = data_after_model(text, policy, tokenizer, aux_reward, device)  # the dataset's hook
     log.info("model: %s, %.2f M parameters, on %s", rc.model_name, count_parameters(policy) / 1e6, device)
     table, train, held_out = _tokenize(tokenizer, text)
     candidates = truth.candidate_ids(table)
@@ -116,12 +115,8 @@ def _load_data(rc: RunConfig) -> tuple[TextData, object]:
     text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
     log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
     aux_reward = build_aux_reward(rc.aux_reward_configs, text.task)
-    request = text.pairs_from_samples
-    if request is not None and (aux_reward is None or request.scorer not in aux_reward.components):
-        raise ValueError(
-            f"dataset.scorer={request.scorer}: the pairs are ranked by that aux reward; configure it "
-            f"(aux_reward={request.scorer}) or give precomputed pairs with dataset.pairs_path"
-        )
+    for request in text.requests_after_model():
+        request.check_scorer(aux_reward.components if aux_reward is not None else {})
     return text, aux_reward
 
 

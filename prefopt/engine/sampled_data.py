@@ -14,6 +14,14 @@ from prefopt.rewards import score_responses
 log = logging.getLogger(__name__)
 
 
+def data_after_model(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
+    """The dataset's hook once the starting model exists: the pairs it asks to build from the model's
+    own samples (`TextData.requests_after_model`), else the data as it is."""
+    for _ in text.requests_after_model():
+        text = pairs_from_model_samples(text, model, tokenizer, aux_reward, device)
+    return text
+
+
 def pairs_from_model_samples(text: TextData, model, tokenizer, aux_reward, device) -> TextData:
     """Pairs from `samples_per_prompt` completions of each prompt by the starting model (the reference),
     ranked by the request's aux reward (the DPO paper's IMDb pairs)."""
@@ -71,7 +79,6 @@ def data_vocabulary(text: TextData) -> list[str]:
     vocabulary = {
         w for p in pairs for column in (p.prompts, p.chosen, p.rejected) for t in column for w in words(t)
     }
-    if text.pairs_from_samples is not None:  # prompts whose responses the model will write
-        request = text.pairs_from_samples
+    for request in text.requests_after_model():  # prompts whose responses the model will write
         vocabulary |= {w for p in (*request.train_prompts, *request.eval_prompts) for w in words(p)}
     return sorted(vocabulary)
