@@ -193,7 +193,7 @@ def row(pair: Pair | ChatPair) -> dict:
 def batch_order(num_pairs: int, pairs_per_step: int, steps: int, seed: int) -> list[list[int]]:
     """The pairs of each step as prefopt's loop draws them (its `PairSampler`, seeded with the run's seed),
     so TRL can be handed the same batches in the same order."""
-    from prefopt.data.batching import PairSampler
+    from prefopt.data.sampler import PairSampler
 
     sampler = PairSampler(num_pairs, pairs_per_step, seed)
     return [sampler.next().tolist() for _ in range(steps)]

@@ -85,7 +85,7 @@ def test_both_tools_tokenize_the_rows_to_the_pairs(tmp_path, lengths):
 
 def test_trl_rows_are_prefopts_batches_in_order():
     """TRL reads its rows in order, B per step: they are the pairs prefopt's sampler draws, step by step."""
-    from prefopt.data.batching import PairSampler
+    from prefopt.data.sampler import PairSampler
 
     train = dpo_data.make_pairs(SHAPE, "variable", STEPS * SHAPE.pairs_per_step)
     order = dpo_data.batch_order(len(train), SHAPE.pairs_per_step, STEPS, seed=3)

@@ -14,7 +14,7 @@ from torch import nn
 
 import prefopt.training.checkpoint as checkpoint
 from prefopt.config import load_run_config
-from prefopt.data.batching import PairSampler
+from prefopt.data.sampler import PairSampler
 from prefopt.training.checkpoint import checkpoint_dir, load_checkpoint, read_state, save_checkpoint
 
 

@@ -177,7 +177,7 @@ def test_max_bad_steps_in_a_row_stop_the_run_with_a_clear_error(tmp_path, monkey
 
 
 def test_a_model_with_a_non_finite_weight_is_never_checkpointed(tmp_path):
-    from prefopt.data.batching import PairSampler
+    from prefopt.data.sampler import PairSampler
 
     model = torch.nn.ModuleDict({"policy": torch.nn.Linear(2, 2)})
     optimizer = torch.optim.AdamW(model.parameters())

@@ -51,7 +51,7 @@ def start(rc: RunConfig, run_dir: Path, device, tracker, plan) -> Loop:
     resume from `plan.checkpoint` or evaluate the reference (step 0)."""
     from transformers import get_scheduler
 
-    from prefopt.data.batching import PairSampler
+    from prefopt.data.sampler import PairSampler
     from prefopt.engine.distributed import TrainableModules, check_divisible, strategy_of, wrap
     from prefopt.engine.prepare import prepare
     from prefopt.progress import quiet_library_progress_bars
