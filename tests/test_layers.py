@@ -31,6 +31,7 @@ LAYERS = [
         "prefopt.progress",
         "prefopt.schema",
         "prefopt.optimizers",
+        "prefopt.registry",
     ],  # leaves
     ["prefopt.objectives", "prefopt.models"],
     ["prefopt.data", "prefopt.rewards"],

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefopt.data.pairs import TextData
+from prefopt.registry import add_entry
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,4 @@ DATASETS: dict[str, DatasetSpec] = {}  # filled by prefopt.data
 
 def register(name: str, spec: DatasetSpec) -> None:
     """Make `dataset.name=<name>` select `spec`, as a built-in dataset; refuses a name already taken."""
-    if not isinstance(spec, DatasetSpec):
-        raise TypeError(f"register({name!r}, ...) takes a DatasetSpec, got {type(spec).__name__}")
-    if name in DATASETS:
-        raise ValueError(f"dataset {name!r} is already registered")
-    DATASETS[name] = spec
+    add_entry(DATASETS, name, spec, DatasetSpec, "dataset")

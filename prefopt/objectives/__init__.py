@@ -19,6 +19,7 @@ from prefopt.objectives.base import (
     require_kl,
     require_reference,
 )
+from prefopt.registry import add_entry
 
 OBJECTIVES: dict[str, Objective] = {
     "dpo": dpo.OBJECTIVE,
@@ -35,11 +36,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 def register(name: str, objective: Objective) -> None:
     """Make `objective.name=<name>` select `objective`, as a built-in one; refuses a name already taken."""
-    if not isinstance(objective, Objective):
-        raise TypeError(f"register({name!r}, ...) takes an Objective, got {type(objective).__name__}")
-    if name in OBJECTIVES:
-        raise ValueError(f"objective {name!r} is already registered")
-    OBJECTIVES[name] = objective
+    add_entry(OBJECTIVES, name, objective, Objective, "objective")
 
 
 __all__ = [
