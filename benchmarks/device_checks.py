@@ -5,8 +5,9 @@
    of shared prompts, from packed rows and from flash attention's varlen row (when flash-attn is installed)
    against padded rows; fp32 with TF32 off (asserted to 1e-4), and under bf16 autocast (reported).
 2. Liger's fused linear + cross-entropy against the chunked log-probs, when liger-kernel is installed.
-3. The real entry under torchrun with FSDP2 (`trainer=fsdp`, `trainer.param_dtype=bfloat16`) against one
-   plain process on the embedded default: both finish, and their loss curves are printed side by side.
+3. The real entry under torchrun with FSDP2 (`trainer=fsdp`, `trainer.distributed.param_dtype=bfloat16`)
+   against one plain process on the embedded default: both finish, and their loss curves are printed side by
+   side.
 
 Prints one line per check and exits 1 if an asserted one fails. The throughput benchmark is separate:
 `python benchmarks/dpo_throughput.py` (the Llama-3.2-1B shape on CUDA).
@@ -137,11 +138,11 @@ def check_fsdp(device, steps: int) -> None:
         common = ["train", "logger=none", f"trainer.max_steps={steps}", "trainer.log_every_steps=1"]
         common += [f"trainer.device={device.type}"]
         runs = {
-            "single": [sys.executable, "-m", "prefopt.cli", *common, "trainer.strategy=single"],
+            "single": [sys.executable, "-m", "prefopt.cli", *common, "trainer.distributed.strategy=single"],
             "fsdp": [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 "-m", "prefopt.cli", *common, "trainer=fsdp",
-                *(["trainer.param_dtype=bfloat16"] if device.type == "cuda" else []),
+                *(["trainer.distributed.param_dtype=bfloat16"] if device.type == "cuda" else []),
             ],
         }  # fmt: skip
         curves = {}

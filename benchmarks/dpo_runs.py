@@ -93,18 +93,18 @@ def run_prefopt(spec: dict, record: dict) -> None:
         f"seed={spec['seed']}",
         f"trainer.max_steps={steps}",
         f"trainer.batch_size={shape['pairs_per_step']}",
-        f"trainer.lr={spec['lr']}",
-        "trainer.lr_schedule=constant",
-        "trainer.warmup_steps=0",
-        "trainer.max_grad_norm=1.0",
+        f"trainer.optimizer.lr={spec['lr']}",
+        "trainer.optimizer.lr_schedule=constant",
+        "trainer.optimizer.warmup_steps=0",
+        "trainer.optimizer.max_grad_norm=1.0",
         f"trainer.precision={'auto' if spec['device'] == 'cuda' else 'fp32'}",
-        f"trainer.packing={'auto' if spec['packing'] == 'rows' else spec['packing']}",
-        f"trainer.share_prompts={spec['packing'] != 'rows'}",
+        f"trainer.layout.packing={'auto' if spec['packing'] == 'rows' else spec['packing']}",
+        f"trainer.layout.share_prompts={spec['packing'] != 'rows'}",
         "trainer.num_threads=1",
         "trainer.log_every_steps=1",
-        "trainer.checkpoint_every_steps=null",
-        "trainer.save_checkpoint=true",  # the final policy in <run dir>/checkpoint, as TRL's save_model
-        "trainer.reference_cache=false",  # the reference pass runs in every run, as TRL's does
+        "trainer.checkpoint.every_steps=null",
+        "trainer.checkpoint.export=true",  # the final policy in <run dir>/checkpoint, as TRL's save_model
+        "trainer.layout.reference_cache=false",  # the reference pass runs in every run, as TRL's does
         "eval.at_start=false",
         f"eval.eval_every_steps={steps + 1}",
     ]

@@ -291,7 +291,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--packing",
         default="auto",
-        help="prefopt layouts to run: auto (its default), rows (trainer.share_prompts=false), false (padded)",
+        help="prefopt layouts to run: auto (its default), rows (trainer.layout.share_prompts=false), "
+        "false (padded)",
     )
     ap.add_argument("--lr", type=float, default=1e-4, help="constant learning rate, no warm-up, both tools")
     ap.add_argument("--beta", type=float, default=0.1)

@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=8, help="pairs per train step")
     parser.add_argument(
-        "--pack-tokens", type=int, default=None, help="trainer.pack_tokens (default: longest)"
+        "--pack-tokens", type=int, default=None, help="trainer.layout.pack_tokens (default: longest)"
     )
     parser.add_argument("--reference-pairs", type=int, default=512)
     args = parser.parse_args()

@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         from prefopt.config import register_resolvers
+        from prefopt.config.aliases import rewrite_overrides
         from prefopt.training.train import main as train_main
 
         register_resolvers()
+        rest = rewrite_overrides(rest)  # the keys the trainer's split moved
         mistake = override_mistake(rest)
         if mistake:
             print(f"prefopt: config error: {mistake}", file=sys.stderr)

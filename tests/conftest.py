@@ -25,8 +25,8 @@ FAST = [
     "dataset.train_draws_per_prompt=60",
     "dataset.eval_draws_per_prompt=60",
     "trainer.max_steps=10",
-    "trainer.reference_fit.lr=1e-2",
-    "trainer.reference_fit.max_kl=0.2",
+    "dataset.reference_fit.lr=1e-2",
+    "dataset.reference_fit.max_kl=0.2",
     "eval.eval_every_steps=5",
 ]
 

@@ -39,8 +39,8 @@ def config_error(*overrides: str) -> str:
         (["objective=kto", "objective.beta=-1"], "objective.beta"),
         (["objective=hpo", "objective.beta=0"], "objective.beta"),
         (["objective=expo", "objective.lam=-1"], "objective.lam"),
-        (["trainer.lr=0"], "trainer.lr"),
-        (["trainer.lr=-0.001"], "trainer.lr"),
+        (["trainer.optimizer.lr=0"], "trainer.optimizer.lr"),
+        (["trainer.optimizer.lr=-0.001"], "trainer.optimizer.lr"),
         (
             ["dataset=hh_rlhf", "dataset.max_prompt_tokens=128", "dataset.max_length=128"],
             "dataset.max_length",
@@ -140,8 +140,8 @@ def test_hub_ids_and_existing_local_paths_pass_the_existence_check(tmp_path: Pat
         (["objective=expo", "objective.lamm=1"], ["objective.lamm", "objective.lam"]),
         (["objectiv=dpo"], ["objectiv", "objective"]),
         (
-            ["trainer.reference_fit.max_stp=3"],
-            ["trainer.reference_fit.max_stp", "trainer.reference_fit.max_steps"],
+            ["dataset.reference_fit.max_stp=3"],
+            ["dataset.reference_fit.max_stp", "dataset.reference_fit.max_steps"],
         ),
         (["hydra.run.dri=/tmp/x"], ["hydra.run.dri", "hydra.run.dir"]),
         (["trainer.zzzzzz=1"], ["trainer.zzzzzz", "+trainer.zzzzzz="]),  # no close match: how to add it
@@ -175,7 +175,7 @@ def test_a_typo_is_one_line_with_the_closest_match_and_exit_2(capsys, args: list
         ["--help"],
         ["hydra.run.dir=/tmp/x", "hydra/launcher=local", "hydra.launcher.n_jobs=4", "hydra.job.chdir=false"],
         ["aux_reward=[readability,length]", "aux_reward.length.weight=0.5"],
-        ["trainer.lr=["],  # a syntax error: Hydra's own message says where
+        ["trainer.optimizer.lr=["],  # a syntax error: Hydra's own message says where
     ],
 )
 def test_commands_without_a_typo_pass_the_check_untouched(args: list[str]):

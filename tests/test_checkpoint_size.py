@@ -42,8 +42,8 @@ def test_a_lora_checkpoint_holds_the_adapter_alone_not_the_frozen_tied_embedding
     model = save_tiny_llama(tmp_path / "model", bos_tokenizer(), tie_word_embeddings=True)
     common = [*fixture("preference", tmp_path / "data"), "dataset=preference", "model=pretrained"]
     common += [f"model.name_or_path={model}", "model.lora.r=4", "logger=none", "trainer.batch_size=8"]
-    common += ["trainer.lr_schedule=constant_with_warmup", "trainer.log_every_steps=1", *objective]
-    common += ["trainer.checkpoint_every_steps=2", "eval.eval_every_steps=100", "eval.at_start=false"]
+    common += ["trainer.optimizer.lr_schedule=constant_with_warmup", "trainer.log_every_steps=1", *objective]
+    common += ["trainer.checkpoint.every_steps=2", "eval.eval_every_steps=100", "eval.at_start=false"]
 
     def run(run_dir: Path, *overrides: str) -> dict:
         run_dir.mkdir(exist_ok=True)
@@ -68,7 +68,9 @@ def test_a_lora_checkpoint_holds_the_adapter_alone_not_the_frozen_tied_embedding
 
     run(tmp_path / "parts", "trainer.max_steps=2")
     (tmp_path / "parts" / "summary.json").unlink()
-    assert run(tmp_path / "parts", "trainer.max_steps=4", "trainer.resume=auto")["resumed_at"] == [2]
+    assert run(tmp_path / "parts", "trainer.max_steps=4", "trainer.checkpoint.resume=auto")["resumed_at"] == [
+        2
+    ]
 
     def losses(run_dir: Path) -> list:
         return [

@@ -256,10 +256,10 @@ def test_strength_leaves_simpo_on_its_own_scale_and_an_explicit_value_wins():
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
-        (["trainer.lr=abc"], ["trainer.lr"]),
+        (["trainer.optimizer.lr=abc"], ["trainer.optimizer.lr"]),
         (["+objective.bta=1"], ["objective", "bta"]),
         (["trainer.batch_size=0"], ["trainer.batch_size"]),
-        (["trainer.lr=0"], ["trainer.lr"]),
+        (["trainer.optimizer.lr=0"], ["trainer.optimizer.lr"]),
         (["dataset=preference"], ["dataset.path"]),
         (["aux_reward=length", "aux_reward.length.sign=abc"], ["aux_reward.length.sign"]),
         (["objective=expo", "objective.kl_estimator=bogus"], ["objective", "kl_estimator"]),
@@ -270,10 +270,10 @@ def test_strength_leaves_simpo_on_its_own_scale_and_an_explicit_value_wins():
         (["logger.name=wandbb"], ["logger.name", "wandb"]),
         (["logger.mode=ofline"], ["logger.mode", "offline"]),
         (["trainer.num_threads=0"], ["trainer.num_threads"]),
-        (["trainer.reference_fit.lr=0"], ["trainer.reference_fit.lr"]),
+        (["dataset.reference_fit.lr=0"], ["dataset.reference_fit.lr"]),
         (
-            ["dataset=preference", "dataset.path=org/pairs", "trainer.reference_fit.enabled=true"],
-            ["trainer.reference_fit.enabled"],
+            ["dataset=preference", "dataset.path=org/pairs", "+dataset.reference_fit.enabled=true"],
+            ["dataset.reference_fit.enabled"],
         ),
     ],
 )
@@ -317,7 +317,7 @@ def test_hpo_defaults_to_readability_and_an_explicit_choice_replaces_it():
 
 CLI_CASES = {
     "unknown_objective": ["objective=nonexistent"],
-    "bad_lr": ["trainer.lr=abc"],
+    "bad_lr": ["trainer.optimizer.lr=abc"],
     "help": ["--help"],
 }
 
@@ -353,7 +353,9 @@ def finished(runs: dict[str, dict], name: str) -> dict:
     return run
 
 
-@pytest.mark.parametrize(("case", "named"), [("unknown_objective", "nonexistent"), ("bad_lr", "trainer.lr")])
+@pytest.mark.parametrize(
+    ("case", "named"), [("unknown_objective", "nonexistent"), ("bad_lr", "trainer.optimizer.lr")]
+)
 def test_cli_bad_config_exits_nonzero_names_the_key_and_builds_nothing(cli_runs, case: str, named: str):
     """No model, data or metrics file is touched: the error comes from validation alone."""
     run = finished(cli_runs, case)

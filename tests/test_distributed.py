@@ -27,8 +27,8 @@ RUN = [
     *[o for o in FAST if not o.startswith(("trainer.max_steps", "eval.eval_every_steps"))],
     "trainer.max_steps=12",
     "trainer.batch_size=8",
-    "trainer.lr=3e-4",
-    "trainer.checkpoint_every_steps=6",
+    "trainer.optimizer.lr=3e-4",
+    "trainer.checkpoint.every_steps=6",
     "trainer.log_every_steps=1",
     "eval.eval_every_steps=6",
     "seed=5",
@@ -77,7 +77,7 @@ def test_two_ranks_with_fsdp2_take_the_steps_of_one_process_and_resume_from_shar
     # the sharded checkpoint of step 6, continued by two ranks in another run dir: the same steps 7-12, bit
     # for bit (the same ranks, threads and reduction order on the same machine, from the saved state)
     step6 = checkpoint_dir(tmp_path / "fsdp", 6)
-    prefopt(tmp_path / "resumed", "trainer=fsdp", f"trainer.resume={step6}", processes=2)
+    prefopt(tmp_path / "resumed", "trainer=fsdp", f"trainer.checkpoint.resume={step6}", processes=2)
     assert train_records(tmp_path / "resumed") == [
         {
             **r,
@@ -91,7 +91,7 @@ def test_two_ranks_with_fsdp2_take_the_steps_of_one_process_and_resume_from_shar
 
 def test_two_ranks_with_ddp_take_the_steps_of_one_process(tmp_path):
     prefopt(tmp_path / "one")
-    prefopt(tmp_path / "ddp", "trainer.strategy=ddp", processes=2)
+    prefopt(tmp_path / "ddp", "trainer.distributed.strategy=ddp", processes=2)
     assert_same_steps(tmp_path / "one", tmp_path / "ddp")
 
 
@@ -140,14 +140,15 @@ def test_a_multi_task_slurm_step_describes_its_ranks_as_torchrun_would(monkeypat
 
 
 def test_bf16_compute_weights_over_fp32_master_shards_in_one_process(tmp_path):
-    """trainer=fsdp trainer.param_dtype=bfloat16 without torchrun: FSDP2 over a one-rank group computes
-    in bf16 (losses near, not equal to, fp32's) while the optimizer's weights and checkpoints stay fp32."""
+    """trainer=fsdp trainer.distributed.param_dtype=bfloat16 without torchrun: FSDP2 over a one-rank group
+    computes in bf16 (losses near, not equal to, fp32's) while the optimizer's weights and checkpoints stay
+    fp32."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    steps = ["trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.checkpoint_every_steps=6"]
+    steps = ["trainer.max_steps=6", "trainer.log_every_steps=1", "trainer.checkpoint.every_steps=6"]
     run_training(tmp_path / "fp32", *steps)
-    run_training(tmp_path / "bf16", *steps, "trainer=fsdp", "trainer.param_dtype=bfloat16")
+    run_training(tmp_path / "bf16", *steps, "trainer=fsdp", "trainer.distributed.param_dtype=bfloat16")
     fp32, bf16 = (losses(tmp_path / name) for name in ("fp32", "bf16"))
     assert bf16 == pytest.approx(fp32, abs=2e-2) and bf16 != fp32
     state = next((checkpoint_dir(tmp_path / "bf16", 6) / "state").glob("*.safetensors"))

@@ -181,7 +181,7 @@ def fake_run(tmp_path):
     from prefopt import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose("train", ["trainer.pack_tokens=???"])
+        config = compose("train", ["trainer.layout.pack_tokens=???"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(config))
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "config.json").write_text("{}")
@@ -197,29 +197,31 @@ def test_evaluate_overrides_are_typed_and_applied_as_hydra_applies_them(fake_run
     overrides = [
         "seed=3",
         "objective.label_smoothing=0.25",
-        "trainer.share_prompts=false",
-        "trainer.resume_allow_changes=[logger]",
+        "trainer.layout.share_prompts=false",
+        "trainer.checkpoint.resume_allow_changes=[logger]",
         "+eval.generation.llm.model=gpt-4o",
         "++eval.generation.judge='llm'",
         "++dataset.extra=null",
         "logger=none",
         "~logger.entity",
-        "~trainer.fused_optimizer=null",
-        "trainer.pack_tokens=64",
+        "~trainer.optimizer.fused=null",
+        "trainer.layout.pack_tokens=64",
     ]
     raw, out, source = evaluation_config(fake_run, overrides)
     assert (source, out) == (fake_run, fake_run / "evaluate")
     assert type(raw["seed"]) is int and raw["seed"] == 3
     assert raw["objective"]["label_smoothing"] == 0.25
-    assert raw["trainer"]["share_prompts"] is False
-    assert raw["trainer"]["resume_allow_changes"] == ["logger"]
+    assert raw["trainer"]["layout"]["share_prompts"] is False
+    assert raw["trainer"]["checkpoint"]["resume_allow_changes"] == ["logger"]
     assert raw["eval"]["generation"]["llm"] == {"model": "gpt-4o"}
     assert raw["eval"]["generation"]["judge"] == "llm"
     assert "extra" in raw["dataset"] and raw["dataset"]["extra"] is None
-    assert "fused_optimizer" not in raw["trainer"]
+    assert "fused" not in raw["trainer"]["optimizer"]
     assert raw["logger"]["name"] == "none" and "entity" not in raw["logger"]
-    assert raw["trainer"]["pack_tokens"] == 64
-    assert raw["eval"]["generate"] is True and raw["trainer"]["save_checkpoint"] is False  # evaluate's own
+    assert raw["trainer"]["layout"]["pack_tokens"] == 64
+    assert (
+        raw["eval"]["generate"] is True and raw["trainer"]["checkpoint"]["export"] is False
+    )  # evaluate's own
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ def test_orpo_trains_through_the_real_loop(orpo, tmp_path):
         run_dir,
         *orpo,
         "trainer.max_steps=30",
-        "trainer.lr=3e-3",
+        "trainer.optimizer.lr=3e-3",
         "eval.eval_every_steps=30",
         "trainer.log_every_steps=5",
     )

@@ -307,7 +307,7 @@ def test_a_model_whose_masks_ignore_position_ids_is_padded():
     rows_only = Packing(share_prompts=False)
     assert rows_only.arrange(rows, model, CPU) is rows
     assert Packing(False).arrange(rows, model, CPU) is rows
-    with pytest.raises(ValueError, match="trainer.packing=true"):
+    with pytest.raises(ValueError, match="trainer.layout.packing=true"):
         Packing(True, share_prompts=False).arrange(rows, model, CPU)
     assert support.shares_prompts and Packing(True).arrange(rows, model, CPU).segments is not None
     with torch.no_grad():
@@ -433,7 +433,7 @@ def test_without_liger_the_fused_kernel_never_applies(fresh_liger):
 # ---- config and the real loop ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override", ["trainer.packing=maybe", "trainer.pack_tokens=0"])
+@pytest.mark.parametrize("override", ["trainer.layout.packing=maybe", "trainer.layout.pack_tokens=0"])
 def test_a_bad_packing_value_fails_naming_its_key(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_run_config(compose_config(override))
@@ -479,11 +479,11 @@ def test_training_takes_the_same_steps_packed_and_padded(tmp_path, caplog, monke
     assert layouts and all(shares for _, shares in layouts)  # training, evaluation, reference pass
     layouts.clear()
     packed = run_training(
-        tmp_path / "packed", *steps, "trainer.pack_tokens=48", "trainer.share_prompts=false"
+        tmp_path / "packed", *steps, "trainer.layout.pack_tokens=48", "trainer.layout.share_prompts=false"
     )
     assert layouts and max(per_sequence for per_sequence, _ in layouts) < 0.5
     assert not any(shares for _, shares in layouts)
-    padded = run_training(tmp_path / "padded", *steps, "trainer.packing=false")
+    padded = run_training(tmp_path / "padded", *steps, "trainer.layout.packing=false")
     for run, result in (("shared", shared), ("packed", packed)):
         for key in ["train/loss", "train/grad_norm"]:
             got, expected = (

@@ -49,7 +49,7 @@ def test_hpo_hh_runs_with_its_rewards_rmsprop_one_epoch_and_the_llm_judge(
     endpoint,  # noqa: F811
 ):
     rc = load_run_config(compose_config("+experiment=hpo_hh"))
-    assert (rc.objective_name, rc.trainer.optimizer, rc.trainer.lr, rc.trainer.epochs) == (
+    assert (rc.objective_name, rc.trainer.optimizer.name, rc.trainer.optimizer.lr, rc.trainer.epochs) == (
         "hpo",
         "rmsprop",
         5e-7,

@@ -247,7 +247,12 @@ def test_smollm2_trains_with_lora_through_the_cli_and_generation_stops_at_end_of
         *("model.dtype=float32", "model.lora.r=4"),
         *("dataset=preference", f"dataset.path={write_chat_pairs(tmp_path / 'pairs')}"),
         *("dataset.max_prompt_tokens=64", "dataset.max_response_tokens=16"),
-        *("trainer.max_steps=2", "trainer.batch_size=2", "trainer.lr=1e-4", "trainer.warmup_steps=0"),
+        *(
+            "trainer.max_steps=2",
+            "trainer.batch_size=2",
+            "trainer.optimizer.lr=1e-4",
+            "trainer.optimizer.warmup_steps=0",
+        ),
         *("trainer.num_threads=2", "logger=none", f"hydra.run.dir={run_dir}"),
         *("eval.generate=true", "eval.generation.num_prompts=2", "eval.generation.temperature=0"),
         f"eval.generation.max_new_tokens={max_new_tokens}",

@@ -260,5 +260,5 @@ def test_prefopt_train_twice_hits_the_cache_and_takes_the_same_steps(tmp_path):
 
 
 def test_trainer_reference_cache_false_reports_off(tmp_path):
-    summary = run_training(tmp_path, "trainer.max_steps=1", "trainer.reference_cache=false")
+    summary = run_training(tmp_path, "trainer.max_steps=1", "trainer.layout.reference_cache=false")
     assert summary["data"]["reference_logps_cache"] == "off"

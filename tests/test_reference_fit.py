@@ -29,7 +29,7 @@ HARD = [
     "dataset.contexts=[{pi_star:[0.4,0.25,0.15,0.12,0.08],pi_ref:null},"
     "{pi_star:[0.4,0.25,0.15,0.12,0.08],pi_ref:[0.08,0.12,0.15,0.25,0.4]}]",
     "seed=0",
-    "trainer.reference_fit.lr=1e-2",
+    "dataset.reference_fit.lr=1e-2",
 ]
 
 
@@ -57,7 +57,7 @@ def current_fit(policy, table, candidates, target) -> dict[str, float]:
 
 def test_the_fit_reaches_its_target_where_adam_stalls_and_reports_the_policy_it_leaves():
     rc, policy, table, candidates, target = build(*HARD)
-    cfg = rc.trainer.reference_fit
+    cfg = rc.dataset.reference_fit
     report = fit_reference(policy, table, candidates, target, cfg, torch.device("cpu"), 2048)
     assert report["kl"] < cfg.target_kl
     assert report["lbfgs_evaluations"] > 0  # Adam handed over
@@ -72,7 +72,7 @@ def test_the_fit_reaches_its_target_where_adam_stalls_and_reports_the_policy_it_
 def test_the_stop_test_reads_the_current_parameters():
     """Stopping at a loose target: the reported KL is below it and is the returned policy's own."""
     rc, policy, table, candidates, target = build("+experiment=expo_preservation", "seed=1")
-    cfg = rc.trainer.reference_fit
+    cfg = rc.dataset.reference_fit
     cfg.target_kl = 0.02
     report = fit_reference(policy, table, candidates, target, cfg, torch.device("cpu"), 2048)
     now = current_fit(policy, table, candidates, target)

@@ -1,8 +1,8 @@
 """Runs survive preemption, faults and bad state: kill a run at any moment, resume it, get the same run.
 
 The kill tests run the real CLI in a subprocess, kill it with SIGKILL (or send SIGTERM) once metrics.jsonl
-shows a given step, resume with `trainer.resume=auto` into the same run dir, and compare every step's loss
-with an uninterrupted run's (CPU, one thread: equal as floats)."""
+shows a given step, resume with `trainer.checkpoint.resume=auto` into the same run dir, and compare every
+step's loss with an uninterrupted run's (CPU, one thread: equal as floats)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PREFOPT = str(Path(sys.executable).with_name("prefopt"))
 KILL_RUN = [
     *[o for o in FAST if not o.startswith(("trainer.max_steps", "eval.eval_every_steps"))],
     "trainer.max_steps=40",
-    "trainer.checkpoint_every_steps=10",
+    "trainer.checkpoint.every_steps=10",
     "trainer.log_every_steps=1",
     "eval.eval_every_steps=20",
     "seed=5",
@@ -93,7 +93,7 @@ def test_a_run_killed_with_sigkill_and_resumed_takes_the_uninterrupted_runs_step
     # the newest whole checkpoint it left (step 10 unless the kill landed after step 20's save)
     kept = find_checkpoint("auto", tmp_path / "killed")
     saved_at = [step for step in (10, 20, 30) if checkpoint_dir(tmp_path / "killed", step) == kept]
-    resumed = finish(cli(tmp_path / "killed", *objective, "trainer.resume=auto"))
+    resumed = finish(cli(tmp_path / "killed", *objective, "trainer.checkpoint.resume=auto"))
     assert resumed.returncode == 0, resumed.stderr
 
     expected = losses(tmp_path / "whole")
@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_the_current_step_and_prints_the_command_that_resume
     command = summary["resume"]
     assert command in stopped.stderr and "Traceback" not in stopped.stderr
     words = shlex.split(command)
-    assert "trainer.resume=auto" in words
+    assert "trainer.checkpoint.resume=auto" in words
     assert words[:2] == ["prefopt", "train"] and f"hydra.run.dir={tmp_path / 'run'}" in words
     resumed = subprocess.run(
         [PREFOPT, *words[1:]], cwd=ROOT, env={**os.environ, "CI": "true"}, capture_output=True, text=True
@@ -190,7 +190,7 @@ def test_a_model_with_a_non_finite_weight_is_never_checkpointed(tmp_path):
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one_with_one_warning(tmp_path, caplog):
-    first = run_training(tmp_path, "trainer.max_steps=20", "trainer.checkpoint_every_steps=10")
+    first = run_training(tmp_path, "trainer.max_steps=20", "trainer.checkpoint.every_steps=10")
     newest = checkpoint_dir(tmp_path, 20)
     weights = next((newest / "state").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
@@ -201,25 +201,30 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one_with_one_warning(
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
     (tmp_path / "summary.json").unlink()  # as if killed during the final evaluation
     resumed = run_training(
-        tmp_path, "trainer.max_steps=20", "trainer.checkpoint_every_steps=10", "trainer.resume=auto"
+        tmp_path,
+        "trainer.max_steps=20",
+        "trainer.checkpoint.every_steps=10",
+        "trainer.checkpoint.resume=auto",
     )
     assert resumed["resumed_at"] == [10]
     assert resumed["final_eval"] == first["final_eval"]
 
 
 def test_a_write_killed_midway_leaves_nothing_a_resume_reads_and_is_cleaned_up(tmp_path):
-    run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every_steps=2")
+    run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint.every_steps=2")
     half = tmp_path / "checkpoints" / ".step-000006.tmp-999"  # as a SIGKILL during a write leaves it
     (half / "state").mkdir(parents=True)
     assert find_checkpoint("auto", tmp_path) == checkpoint_dir(tmp_path, 4)
     (tmp_path / "summary.json").unlink()
-    run_training(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every_steps=2", "trainer.resume=auto")
+    run_training(
+        tmp_path, "trainer.max_steps=6", "trainer.checkpoint.every_steps=2", "trainer.checkpoint.resume=auto"
+    )
     assert not half.exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
 
 
 def test_a_missing_checkpoint_file_is_named(tmp_path):
-    run_training(tmp_path, "trainer.max_steps=10", "trainer.checkpoint_every_steps=10")
+    run_training(tmp_path, "trainer.max_steps=10", "trainer.checkpoint.every_steps=10")
     state = checkpoint_dir(tmp_path, 10) / "trainer_state.json"
     state.unlink()
     with pytest.raises(CheckpointError, match="trainer_state.json"):
@@ -229,35 +234,39 @@ def test_a_missing_checkpoint_file_is_named(tmp_path):
 def test_resuming_with_a_changed_config_names_the_keys_unless_they_may_change(tmp_path):
     from prefopt.training.resume import plan_resume
 
-    run_training(tmp_path, "trainer.max_steps=10", "trainer.checkpoint_every_steps=5")
+    run_training(tmp_path, "trainer.max_steps=10", "trainer.checkpoint.every_steps=5")
     (tmp_path / "summary.json").unlink()
 
     def plan(*overrides):
         rc = load_run_config(
             compose_config(
-                *FAST, *FAST_MODEL, "trainer.max_steps=10", "trainer.checkpoint_every_steps=5", *overrides
+                *FAST, *FAST_MODEL, "trainer.max_steps=10", "trainer.checkpoint.every_steps=5", *overrides
             )
         )
         return plan_resume(rc, tmp_path)
 
-    with pytest.raises(ConfigError, match=r"objective\.beta \(0\.1 -> 0\.3\).*trainer\.lr"):
-        plan("trainer.resume=auto", "objective.beta=0.3", "trainer.lr=0.5")
-    assert plan("trainer.resume=auto", "trainer.max_steps=30").checkpoint == checkpoint_dir(tmp_path, 10)
+    with pytest.raises(ConfigError, match=r"objective\.beta \(0\.1 -> 0\.3\).*trainer\.optimizer\.lr"):
+        plan("trainer.checkpoint.resume=auto", "objective.beta=0.3", "trainer.optimizer.lr=0.5")
+    assert plan("trainer.checkpoint.resume=auto", "trainer.max_steps=30").checkpoint == checkpoint_dir(
+        tmp_path, 10
+    )
     assert plan(
-        "trainer.resume=auto", "objective.beta=0.3", "trainer.resume_allow_changes=[objective]"
+        "trainer.checkpoint.resume=auto",
+        "objective.beta=0.3",
+        "trainer.checkpoint.resume_allow_changes=[objective]",
     ).checkpoint
-    with pytest.raises(ConfigError, match="trainer.resume"):
-        plan(f"trainer.resume={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="trainer.checkpoint.resume"):
+        plan(f"trainer.checkpoint.resume={tmp_path / 'nowhere'}")
 
 
 def test_a_longer_run_continues_from_a_finished_ones_checkpoint(tmp_path):
     """trainer.max_steps may change on resume (the default allowlist): 10 steps, then 10 more."""
-    run_training(tmp_path / "a", "trainer.max_steps=10", "trainer.checkpoint_every_steps=5")
+    run_training(tmp_path / "a", "trainer.max_steps=10", "trainer.checkpoint.every_steps=5")
     longer = run_training(
         tmp_path / "b",
         "trainer.max_steps=20",
-        f"trainer.resume={tmp_path / 'a'}",
-        "trainer.checkpoint_every_steps=5",
+        f"trainer.checkpoint.resume={tmp_path / 'a'}",
+        "trainer.checkpoint.every_steps=5",
     )
     assert longer["resumed_at"] == [10]
     assert [step for step, _ in losses(tmp_path / "b")][-1] == 20
@@ -267,7 +276,7 @@ def test_a_longer_run_continues_from_a_finished_ones_checkpoint(tmp_path):
 def test_a_finished_run_is_skipped_on_resume(tmp_path):
     first = run_training(tmp_path, "trainer.max_steps=4")
     before = (tmp_path / "metrics.jsonl").read_text()
-    again = run_training(tmp_path, "trainer.max_steps=4", "trainer.resume=auto")
+    again = run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint.resume=auto")
     assert again == first and (tmp_path / "metrics.jsonl").read_text() == before
 
 
@@ -280,7 +289,9 @@ def test_a_multirun_is_resumed_as_a_whole_skipping_finished_jobs(tmp_path):
     done = (sweep / "0" / "metrics.jsonl").read_text()
     for name in ("summary.json", "eval.json"):  # job 1 as if killed after its last checkpoint
         (sweep / "1" / name).unlink()
-    again = subprocess.run([*args, "trainer.resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        [*args, "trainer.checkpoint.resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr
     assert (sweep / "0" / "metrics.jsonl").read_text() == done  # skipped
     resumed = json.loads((sweep / "1" / "summary.json").read_text())
@@ -340,8 +351,8 @@ def test_a_lora_checkpoint_holds_only_the_adapter_and_resumes_exactly(tmp_path):
     model = save_tiny_llama(tmp_path / "model", bos_tokenizer())
     common = [*fixture("preference", tmp_path / "data"), "dataset=preference", "model=pretrained"]
     common += [f"model.name_or_path={model}", "model.lora.r=4", "logger=none", "trainer.batch_size=8"]
-    common += ["trainer.lr_schedule=constant_with_warmup", "trainer.log_every_steps=1"]
-    common += ["trainer.checkpoint_every_steps=3", "eval.eval_every_steps=100"]
+    common += ["trainer.optimizer.lr_schedule=constant_with_warmup", "trainer.log_every_steps=1"]
+    common += ["trainer.checkpoint.every_steps=3", "eval.eval_every_steps=100"]
 
     def run(run_dir: Path, *overrides: str) -> dict:
         run_dir.mkdir(exist_ok=True)
@@ -350,7 +361,7 @@ def test_a_lora_checkpoint_holds_only_the_adapter_and_resumes_exactly(tmp_path):
     run(tmp_path / "whole", "trainer.max_steps=6")
     run(tmp_path / "parts", "trainer.max_steps=3")
     (tmp_path / "parts" / "summary.json").unlink()
-    resumed = run(tmp_path / "parts", "trainer.max_steps=6", "trainer.resume=auto")
+    resumed = run(tmp_path / "parts", "trainer.max_steps=6", "trainer.checkpoint.resume=auto")
     assert resumed["resumed_at"] == [3]
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     weights = [
@@ -379,28 +390,28 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
         "logger=wandb",
         "logger.mode=offline",
         "trainer.max_steps=6",
-        "trainer.checkpoint_every_steps=3",
+        "trainer.checkpoint.every_steps=3",
     ]
     run_training(tmp_path, *overrides)
     (tmp_path / "summary.json").unlink()
-    run_training(tmp_path, *overrides, "trainer.resume=auto")
+    run_training(tmp_path, *overrides, "trainer.checkpoint.resume=auto")
     assert [(c["id"], c["resume"]) for c in calls] == [(None, None), ("run-7", "allow")]
 
 
 def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted_one_still_checkpoints(
     tmp_path, monkeypatch
 ):
-    """trainer.checkpoint_every_steps=null: a finished run writes its Hugging Face export, no training state
+    """trainer.checkpoint.every_steps=null: a finished run writes its Hugging Face export, no training state
     (nothing to resume: summary.json says completed, resume=auto skips it); one that failed in its final
     evaluation left no checkpoint and starts over; a preempted one writes its step, and resumes exactly."""
     import prefopt.engine.distributed
     import prefopt.evaluation.convergence
     from prefopt.training.preemption import Preempted
 
-    off = ["trainer.max_steps=4", "trainer.checkpoint_every_steps=null", "trainer.log_every_steps=1"]
+    off = ["trainer.max_steps=4", "trainer.checkpoint.every_steps=null", "trainer.log_every_steps=1"]
     done = run_training(tmp_path / "done", *off)
     assert not (tmp_path / "done" / "checkpoints").exists() and (tmp_path / "done" / "checkpoint").is_dir()
-    assert run_training(tmp_path / "done", *off, "trainer.resume=auto") == done
+    assert run_training(tmp_path / "done", *off, "trainer.checkpoint.resume=auto") == done
 
     def fail(*args, **kwargs):
         raise RuntimeError("final evaluation failed")
@@ -410,7 +421,7 @@ def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted
         with pytest.raises(RuntimeError, match="final evaluation"):
             run_training(tmp_path / "failed", *off)
     assert not (tmp_path / "failed" / "checkpoints").exists()
-    again = run_training(tmp_path / "failed", *off, "trainer.resume=auto")
+    again = run_training(tmp_path / "failed", *off, "trainer.checkpoint.resume=auto")
     assert again["resumed_at"] == [] and losses(tmp_path / "failed") == losses(tmp_path / "done")
 
     calls = []
@@ -423,6 +434,6 @@ def test_with_checkpointing_off_a_run_ends_with_the_export_alone_and_a_preempted
         with pytest.raises(Preempted):
             run_training(tmp_path / "preempted", *off)
     assert find_checkpoint("auto", tmp_path / "preempted") == checkpoint_dir(tmp_path / "preempted", 2)
-    resumed = run_training(tmp_path / "preempted", *off, "trainer.resume=auto")
+    resumed = run_training(tmp_path / "preempted", *off, "trainer.checkpoint.resume=auto")
     assert resumed["resumed_at"] == [2] and losses(tmp_path / "preempted") == losses(tmp_path / "done")
     assert [p.name for p in (tmp_path / "preempted" / "checkpoints").iterdir()] == ["step-000002"]

@@ -42,9 +42,9 @@ def one_line_naming(stderr: str, run_dir: Path) -> str:
 
 
 def resume_command(line: str) -> list[str]:
-    """The `prefopt train ... trainer.resume=auto` command a one-line error ends with, as words."""
+    """The `prefopt train ... trainer.checkpoint.resume=auto` command a one-line error ends with, as words."""
     words = shlex.split(line[line.index("prefopt train ") :])
-    assert words[:2] == ["prefopt", "train"] and "trainer.resume=auto" in words, line
+    assert words[:2] == ["prefopt", "train"] and "trainer.checkpoint.resume=auto" in words, line
     return words
 
 
@@ -79,10 +79,10 @@ def tmpfs(tmp_path):
 
 
 def test_a_second_writer_exits_2_in_one_line_and_the_first_completes_cleanly(tmp_path):
-    """The measured race: the same `trainer.resume=auto` command twice on one run dir. The second is
-    refused before it writes; the first's metrics.jsonl holds each step once, no NUL bytes."""
+    """The measured race: the same `trainer.checkpoint.resume=auto` command twice on one run dir. The second
+    is refused before it writes; the first's metrics.jsonl holds each step once, no NUL bytes."""
     run_dir = tmp_path / "run"
-    same = ["trainer.resume=auto", "trainer.max_steps=150"]  # long enough for the second to start
+    same = ["trainer.checkpoint.resume=auto", "trainer.max_steps=150"]  # long enough for the second to start
     first = cli(run_dir, *same)
     wait_for_step(first, run_dir, 2)  # the first holds the lock and is training
     second = finish(cli(run_dir, *same))
@@ -218,7 +218,7 @@ def disk_full_at_a_checkpoint_save(tmp_path: Path, monkeypatch) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(save, tensors, path)
 
-    overrides = ["trainer.max_steps=6", "trainer.checkpoint_every_steps=2", "trainer.log_every_steps=1"]
+    overrides = ["trainer.max_steps=6", "trainer.checkpoint.every_steps=2", "trainer.log_every_steps=1"]
     monkeypatch.setattr(checkpoint, "_dcp", full_at_step_4)
     with pytest.raises(OSError) as raised:
         run_training(tmp_path, *overrides)
@@ -226,7 +226,7 @@ def disk_full_at_a_checkpoint_save(tmp_path: Path, monkeypatch) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
     assert not leftovers(tmp_path)
     monkeypatch.setattr(checkpoint, "_dcp", real)
-    summary = run_training(tmp_path, *overrides, "trainer.resume=auto")
+    summary = run_training(tmp_path, *overrides, "trainer.checkpoint.resume=auto")
     assert summary["status"] == "completed" and summary["resumed_at"] == [2]
     assert train_steps(tmp_path) == list(range(1, 7))
 
@@ -236,11 +236,11 @@ def disk_full_at_a_checkpoint_save(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("content", [b"", b'{"status": "compl'], ids=["empty", "truncated"])
 def test_a_damaged_summary_is_named_and_the_run_resumed(tmp_path, caplog, content):
-    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_steps=2"]
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint.every_steps=2"]
     first = run_training(tmp_path, *overrides)
     (tmp_path / "summary.json").write_bytes(content)
     caplog.clear()
-    again = run_training(tmp_path, *overrides, "trainer.resume=auto")
+    again = run_training(tmp_path, *overrides, "trainer.checkpoint.resume=auto")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(tmp_path / "summary.json") in warnings[0]
     assert again["status"] == "completed" and again["resumed_at"] == [4]
@@ -249,7 +249,7 @@ def test_a_damaged_summary_is_named_and_the_run_resumed(tmp_path, caplog, conten
 
 @pytest.mark.parametrize("damage", ["state_json", "zeroed_tensors", "missing_tensors"])
 def test_a_damaged_newest_checkpoint_is_named_and_the_older_one_used(tmp_path, caplog, damage):
-    overrides = ["trainer.max_steps=6", "trainer.checkpoint_every_steps=3", "trainer.log_every_steps=1"]
+    overrides = ["trainer.max_steps=6", "trainer.checkpoint.every_steps=3", "trainer.log_every_steps=1"]
     first = run_training(tmp_path, *overrides)
     newest = checkpoint_dir(tmp_path, 6)
     weights = next((newest / "state").glob("*.safetensors"))
@@ -264,25 +264,27 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_older_one_used(tmp_path, c
     assert find_checkpoint("auto", tmp_path) == checkpoint_dir(tmp_path, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(newest) in warnings[0]
-    resumed = run_training(tmp_path, *overrides, "trainer.resume=auto")
+    resumed = run_training(tmp_path, *overrides, "trainer.checkpoint.resume=auto")
     assert resumed["resumed_at"] == [3] and resumed["final_eval"] == first["final_eval"]
     assert train_steps(tmp_path) == list(range(1, 7))
 
 
 def test_a_stale_staging_dir_is_ignored_and_removed_by_the_next_save(tmp_path):
-    overrides = ["trainer.max_steps=4", "trainer.checkpoint_every_steps=2"]
+    overrides = ["trainer.max_steps=4", "trainer.checkpoint.every_steps=2"]
     run_training(tmp_path, *overrides)
     stale = tmp_path / "checkpoints" / ".step-000004.tmp-999999"  # a dead process's
     (stale / "state").mkdir(parents=True)
     (stale / "trainer_state.json").write_text("{}")
     (tmp_path / "summary.json").unlink()
     assert find_checkpoint("auto", tmp_path) == checkpoint_dir(tmp_path, 4)
-    run_training(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every_steps=2", "trainer.resume=auto")
+    run_training(
+        tmp_path, "trainer.max_steps=6", "trainer.checkpoint.every_steps=2", "trainer.checkpoint.resume=auto"
+    )
     assert not stale.exists() and not leftovers(tmp_path)
 
 
 def test_state_files_are_whole_json_and_no_temporary_file_is_left(tmp_path):
-    run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every_steps=2")
+    run_training(tmp_path, "trainer.max_steps=4", "trainer.checkpoint.every_steps=2")
     for name in (
         "summary.json",
         "eval.json",

@@ -29,6 +29,7 @@ from prefopt.config import (
     EvalConfig,
     LLMJudgeConfig,
     LoggerConfig,
+    OptimizerConfig,
     TrainerConfig,
 )
 from prefopt.data import DATASETS
@@ -130,7 +131,7 @@ def choices(check: Check) -> tuple:
 def test_allowed_optimizers_are_the_optimizer_registry():
     from prefopt.optimizers import OPTIMIZERS
 
-    assert choices(TrainerConfig.checks["optimizer"]) == tuple(OPTIMIZERS)
+    assert choices(OptimizerConfig.checks["name"]) == tuple(OPTIMIZERS)
 
 
 def test_logger_names_are_the_logger_options_and_judges_the_evaluations():

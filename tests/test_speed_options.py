@@ -53,7 +53,7 @@ def test_gradient_checkpointing_takes_the_same_steps(tmp_path, monkeypatch):
         tmp_path / "checkpointed",
         "trainer.max_steps=4",
         "trainer.log_every_steps=1",
-        "trainer.gradient_checkpointing=true",
+        "trainer.layout.gradient_checkpointing=true",
     )
     assert len(enabled) == 1 and {"use_reentrant": False} in enabled[0].values()
     # the recomputation reruns the same kernels; at worst each step's 32-pair mean loss (~0.7) rounds apart
@@ -66,7 +66,7 @@ def test_the_fused_adamw_kernel_takes_the_same_steps_to_rounding(tmp_path, monke
     adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(k.get("fused")) or adamw(*a, **k))
     steps = ["trainer.max_steps=6", "trainer.log_every_steps=1"]
-    run_training(tmp_path / "plain", *steps, "trainer.fused_optimizer=false")
+    run_training(tmp_path / "plain", *steps, "trainer.optimizer.fused=false")
     run_training(tmp_path / "fused", *steps)  # the default, CPU included
     assert made == [None, True]
     # another kernel: each update rounds apart (~lr * 2^-24 a weight), so 6 losses agree far below 1e-5,
@@ -81,5 +81,5 @@ def test_compile_compiles_the_decoder_in_place_with_dynamic_shapes(tmp_path, mon
     monkeypatch.setattr(
         torch.nn.Module, "compile", lambda self, **kwargs: compiled.append((type(self).__name__, kwargs))
     )
-    run_training(tmp_path, "trainer.max_steps=2", "trainer.compile=true")
+    run_training(tmp_path, "trainer.max_steps=2", "trainer.layout.compile=true")
     assert compiled == [("LlamaModel", {"dynamic": True})]

@@ -23,7 +23,7 @@ def test_default_task_training_lowers_loss_and_beats_the_reference(tmp_path):
     summary = run_training(
         tmp_path,
         "trainer.max_steps=60",
-        "trainer.lr=3e-3",
+        "trainer.optimizer.lr=3e-3",
         "eval.eval_every_steps=30",
         "trainer.log_every_steps=5",
     )
@@ -38,7 +38,7 @@ def test_default_task_training_lowers_loss_and_beats_the_reference(tmp_path):
     assert final["eval/win_rate"] > start["eval/win_rate"]
     assert final["eval/oracle_reward"] > start["eval/oracle_reward"]
     # the fit's own gate: preference training starts only when the fit ends within this run's max_kl
-    max_kl = float(next(o for o in FAST if o.startswith("trainer.reference_fit.max_kl=")).split("=")[1])
+    max_kl = float(next(o for o in FAST if o.startswith("dataset.reference_fit.max_kl=")).split("=")[1])
     assert summary["reference_fit"]["kl"] <= max_kl
 
 
@@ -155,9 +155,9 @@ def test_convergence_report_against_the_minimizer_of_the_runs_own_pairs(tmp_path
         "dataset.num_prompts=2",
         "trainer.batch_size=1000",
         "trainer.max_steps=150",
-        "trainer.lr=3e-3",
-        "trainer.lr_schedule=constant_with_warmup",
-        "trainer.reference_fit.max_kl=0.01",
+        "trainer.optimizer.lr=3e-3",
+        "trainer.optimizer.lr_schedule=constant_with_warmup",
+        "dataset.reference_fit.max_kl=0.01",
         "eval.eval_every_steps=150",
     )
     convergence = summary["convergence"]
@@ -177,7 +177,7 @@ def test_convergence_report_against_the_minimizer_of_the_runs_own_pairs(tmp_path
 
 
 def test_a_short_run_is_reported_as_not_converged(tmp_path):
-    convergence = run_training(tmp_path, "trainer.max_steps=10", "trainer.lr=3e-3")["convergence"]
+    convergence = run_training(tmp_path, "trainer.max_steps=10", "trainer.optimizer.lr=3e-3")["convergence"]
     assert convergence["converged"] is False
     assert convergence["reasons"]
     # why, by the configured criterion: its loss was still moving in its last tenth of steps
@@ -220,8 +220,8 @@ def test_a_failing_run_writes_a_failed_summary_and_closes_the_tracker(tmp_path, 
     monkeypatch.setattr(
         Tracker, "finish", lambda self, exit_code=0, **kw: closed.append(exit_code) or finish(self)
     )
-    with pytest.raises(ReferenceFitError, match="trainer.reference_fit.max_steps"):
-        run_training(tmp_path, "trainer.reference_fit.max_steps=3", "trainer.reference_fit.max_kl=1e-6")
+    with pytest.raises(ReferenceFitError, match="dataset.reference_fit.max_steps"):
+        run_training(tmp_path, "dataset.reference_fit.max_steps=3", "dataset.reference_fit.max_kl=1e-6")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "ReferenceFitError" in summary["error"]
     assert closed == [1]
@@ -336,8 +336,8 @@ def test_wandb_offline_run_is_written_next_to_the_run(tmp_path):
 
 TINY_CLI = [
     "trainer.max_steps=2",
-    "trainer.reference_fit.max_steps=50",
-    "trainer.reference_fit.max_kl=10",
+    "dataset.reference_fit.max_steps=50",
+    "dataset.reference_fit.max_kl=10",
     "model.num_layers=1",
     "model.hidden_size=32",
     "model.num_heads=2",
@@ -396,14 +396,14 @@ def test_cli_errors_are_one_line_and_the_traceback_goes_to_train_log(tmp_path):
     run_dir = tmp_path / "run"
     result = prefopt_train(
         *TINY_CLI,
-        "trainer.reference_fit.max_steps=2",
-        "trainer.reference_fit.max_kl=1e-6",
+        "dataset.reference_fit.max_steps=2",
+        "dataset.reference_fit.max_kl=1e-6",
         f"hydra.run.dir={run_dir}",
         cache=tmp_path / "cache",
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    assert "trainer.reference_fit.max_steps" in result.stderr
+    assert "dataset.reference_fit.max_steps" in result.stderr
     assert "Traceback" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     # it failed before its first training step: the dir is not "in use", a corrected command runs there

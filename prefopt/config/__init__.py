@@ -1,5 +1,6 @@
-"""Typed run configuration: the schemas (`schemas`) and `load_run_config` (`loading`), where the composed
-`DictConfig` stops. Validation itself is `prefopt.schema`."""
+"""Typed run configuration: the schemas (`schemas`), `load_run_config` (`loading`), where the composed
+`DictConfig` stops, and the keys that moved in the trainer's split (`aliases`). Validation itself is
+`prefopt.schema`."""
 
 from prefopt.config.loading import KNOWN_TOP_LEVEL, RunConfig, load_run_config, register_resolvers
 from prefopt.config.schemas import (
@@ -7,12 +8,15 @@ from prefopt.config.schemas import (
     JUDGES,
     LOGGER_MODES,
     LOGGER_NAMES,
+    CheckpointConfig,
     ConvergenceConfig,
+    DistributedConfig,
     EvalConfig,
     GenerationConfig,
+    LayoutConfig,
     LLMJudgeConfig,
     LoggerConfig,
-    ReferenceFitConfig,
+    OptimizerConfig,
     TrainerConfig,
 )
 from prefopt.errors import ConfigError, ConfigFieldError, MissingPathError
@@ -24,15 +28,18 @@ __all__ = [
     "KNOWN_TOP_LEVEL",
     "LOGGER_MODES",
     "LOGGER_NAMES",
+    "CheckpointConfig",
     "ConfigError",
     "ConfigFieldError",
     "ConvergenceConfig",
+    "DistributedConfig",
     "EvalConfig",
     "GenerationConfig",
     "LLMJudgeConfig",
+    "LayoutConfig",
     "LoggerConfig",
     "MissingPathError",
-    "ReferenceFitConfig",
+    "OptimizerConfig",
     "RunConfig",
     "TrainerConfig",
     "did_you_mean",

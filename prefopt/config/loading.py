@@ -70,6 +70,7 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     register_resolvers()
     raw = _resolved(cfg)
     model_name, model = _named(raw["model"], "model", MODELS)
+    _check_reference_fit(raw["dataset"], DATASETS)
     dataset_name, dataset = _named(raw["dataset"], "dataset", DATASETS)
     objective_name, objective = _named(raw["objective"], "objective", OBJECTIVES)
     aux_reward = raw.get("aux_reward") or {}
@@ -84,11 +85,6 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     if evaluation.generation.judge == "llm":  # the judge's own schema, before any model loads
         validate(LLMJudgeConfig, evaluation.generation.llm, "eval.generation.llm")
     logger = validate(LoggerConfig, raw["logger"], "logger")
-    if trainer.reference_fit.enabled and not DATASETS[dataset_name].ground_truth:
-        raise ConfigError(
-            f"trainer.reference_fit.enabled: dataset={dataset_name} defines no reference distribution to fit "
-            "(only tasks with a known pi_ref do, e.g. dataset=synthetic)"
-        )
     return RunConfig(
         seed=raw["seed"],
         model_name=model_name,
@@ -104,6 +100,23 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
         raw=raw,
         aux_reward_configs=aux_reward_configs,
     )
+
+
+def _check_reference_fit(node: dict, datasets: dict) -> None:
+    """`+dataset.reference_fit...` on a dataset whose schema has no reference fit (no pi_ref to fit to): one
+    error saying so, rather than an unknown key."""
+    spec = datasets.get(node.get("name"))
+    if "reference_fit" not in node or spec is None or "reference_fit" in spec.config.__dataclass_fields__:
+        return
+    key = "dataset.reference_fit" + (".enabled" if "enabled" in _keys(node["reference_fit"]) else "")
+    raise ConfigError(
+        f"{key}: dataset={node['name']} defines no reference distribution to fit "
+        "(only tasks with a known pi_ref do, e.g. dataset=synthetic)"
+    )
+
+
+def _keys(node: Any) -> list:
+    return list(node) if isinstance(node, dict) else []
 
 
 def _resolved(cfg: DictConfig) -> dict:

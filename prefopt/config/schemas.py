@@ -1,8 +1,11 @@
-"""The schemas of the trainer, eval and logger groups (and the LLM judge's options under eval): the one
-source of their defaults and allowed values. conf/trainer/default.yaml, conf/eval/default.yaml and
+"""The schemas of the trainer group (its top-level loop settings and the optimizer, layout, checkpoint and
+distributed nodes), the eval and logger groups and the LLM judge's options under eval: the one source of
+their defaults and allowed values. conf/trainer/default.yaml, conf/eval/default.yaml and
 conf/logger/wandb.yaml repeat them key for key with the user-facing comments; tests/test_schema.py keeps
 the two equal. Values are checked by `prefopt.schema` (`checks` below); allowed names that a registry owns
-are read from that registry when checked."""
+are read from that registry when checked. The synthetic task's reference fit is the dataset's
+(`prefopt.data.synthetic.ReferenceFitConfig`), HPO's value head the objective's; the keys that moved out of
+a flat `trainer` are aliased in `prefopt.config.aliases`."""
 
 from __future__ import annotations
 
@@ -31,89 +34,113 @@ def optimizer_names() -> tuple[str, ...]:
 
 
 @dataclass
-class ReferenceFitConfig:
-    enabled: bool | None = None  # None: only when the policy starts from the embedded model's random init
-    max_steps: int = 600  # loss evaluations fitting the policy to the task's reference distribution
-    lr: float = 3e-3  # AdamW learning rate of the supervised phase (L-BFGS takes over if Adam stalls)
-    target_kl: float = 0.003  # stop early once KL(pi_ref || pi_theta0) over the candidates is below this
-    max_kl: float = 0.05  # refuse to start preference training when the fit ends above this
-    cache: bool = True  # reuse a fitted reference across runs with the same model, task, fit and seed
+class OptimizerConfig:
+    """trainer.optimizer: what steps the weights (a value head's learning rate is the objective's)."""
 
-    checks: ClassVar[dict[str, Check]] = {"max_steps": at_least(0), "lr": greater_than(0)}
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 200  # optimizer steps
-    epochs: float | None = None  # passes over the train pairs; when set, it decides max_steps
-    optimizer: str = "adamw"  # a prefopt.optimizers.OPTIMIZERS name: adamw | rmsprop
-    batch_size: int = 32  # preference pairs per optimizer step (a smaller dataset gives full-batch steps)
-    micro_batch_size: int | None = None  # pairs per forward pass; None: the whole batch (no accumulation)
+    name: str = "adamw"  # a prefopt.optimizers.OPTIMIZERS name: adamw | rmsprop
     lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_schedule: str = "cosine"  # any transformers scheduler name: constant_with_warmup | linear | cosine
     warmup_steps: int = 10  # linear warm-up steps before the schedule
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
-    logps_chunk_tokens: int = 256  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    fused: bool | None = None  # fused AdamW kernel; None: on CUDA and CPU
+
+    checks: ClassVar[dict[str, Check]] = {"name": one_of(source=optimizer_names), "lr": greater_than(0)}
+
+
+@dataclass
+class LayoutConfig:
+    """trainer.layout: how sequences become rows and how fast a step runs; the numbers do not change."""
+
     packing: bool | str = "auto"  # auto (pack where the model keeps sequences apart, else pad) | true | false
     pack_tokens: int | None = None  # tokens per packed row; None: the micro-batch's longest sequence
     share_prompts: bool = True  # packed: a prompt computed once for all its responses, where sdpa allows
+    compile: bool = False  # torch.compile the decoder (dynamic shapes)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
+    logps_chunk_tokens: int = 256  # response tokens per lm_head chunk, so full (N, V) logits never coexist
     reference_cache: bool = True  # reuse reference log-probs across runs (same weights, tokenizer, tokens)
-    log_every_steps: int = 10
-    value_head_lr: float = 1e-3  # learning rate of a loop-owned value head (HPO)
-    value_head_width: int = 128  # hidden width of that head
-    save_checkpoint: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
-    checkpoint_every_steps: int | None = 100  # checkpoint period (and last step); null: preemption only
-    keep_last_checkpoints: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
+
+    checks: ClassVar[dict[str, Check]] = {
+        "packing": one_of("auto", True, False),
+        "pack_tokens": optional(at_least(1)),
+        "logps_chunk_tokens": at_least(1),
+    }
+
+
+@dataclass
+class CheckpointConfig:
+    """trainer.checkpoint: the final export, training-state checkpoints, resume and preemption."""
+
+    export: bool = True  # Hugging Face checkpoint of the final policy in <run dir>/checkpoint
+    every_steps: int | None = 100  # training-state checkpoint period (and last step); null: preemption only
+    keep_last: int = 2  # training-state checkpoints kept in <run dir>/checkpoints
     resume: str | None = None  # auto (newest intact checkpoint in the run dir) | a checkpoint or run dir path
     resume_allow_changes: list[str] = field(
         default_factory=lambda: [
             "trainer.max_steps",
-            "trainer.checkpoint_every_steps",
-            "trainer.strategy",
+            "trainer.checkpoint.every_steps",
+            "trainer.distributed.strategy",
             "logger",
         ]
     )  # config keys (or prefixes) a resumed run may change
-    max_bad_steps: int = 5  # consecutive non-finite loss or gradient steps (each skipped) that stop the run
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
-    strategy: str = "auto"  # under torchrun: fsdp (FSDP2) | ddp | single; auto: fsdp with several processes
-    compile: bool = False  # torch.compile the decoder (dynamic shapes)
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
-    fused_optimizer: bool | None = None  # fused AdamW kernel; None: on CUDA and CPU
-    param_dtype: str | None = None  # FSDP2 compute weights (bfloat16) over fp32 master shards; None: as is
-    reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)
 
     checks: ClassVar[dict[str, Check]] = {
-        "max_steps": at_least(0),
-        "epochs": optional(greater_than(0)),
-        "optimizer": one_of(source=optimizer_names),
-        "batch_size": at_least(1),
-        "micro_batch_size": optional(at_least(1)),
-        "lr": greater_than(0),
-        "precision": one_of("auto", "fp32", "bf16"),
-        "num_threads": at_least(1),
-        "logps_chunk_tokens": at_least(1),
-        "packing": one_of("auto", True, False),
-        "pack_tokens": optional(at_least(1)),
-        "log_every_steps": at_least(1),
-        "checkpoint_every_steps": optional(at_least(1)),
-        "keep_last_checkpoints": at_least(1),
-        "max_bad_steps": at_least(1),
+        "every_steps": optional(at_least(1)),
+        "keep_last": at_least(1),
         "preemption_signals": each(one_of(*(s.name for s in signal.Signals)), "signal names, e.g. SIGUSR1"),
+    }
+
+
+@dataclass
+class DistributedConfig:
+    """trainer.distributed: how ranks share the weights under torchrun."""
+
+    strategy: str = "auto"  # under torchrun: fsdp (FSDP2) | ddp | single; auto: fsdp with several processes
+    param_dtype: str | None = None  # FSDP2 compute weights (bfloat16) over fp32 master shards; None: as is
+
+    checks: ClassVar[dict[str, Check]] = {
         "strategy": one_of("auto", "fsdp", "ddp", "single"),
         "param_dtype": one_of(None, "bfloat16", "float16"),
     }
 
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimizer steps
+    epochs: float | None = None  # passes over the train pairs; when set, it decides max_steps
+    batch_size: int = 32  # preference pairs per optimizer step (a smaller dataset gives full-batch steps)
+    micro_batch_size: int | None = None  # pairs per forward pass; None: the whole batch (no accumulation)
+    log_every_steps: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite loss or gradient steps (each skipped) that stop the run
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    num_threads: int = 1  # CPU threads; fixed, so a job gives the same numbers in a sweep and alone
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    checks: ClassVar[dict[str, Check]] = {
+        "max_steps": at_least(0),
+        "epochs": optional(greater_than(0)),
+        "batch_size": at_least(1),
+        "micro_batch_size": optional(at_least(1)),
+        "log_every_steps": at_least(1),
+        "max_bad_steps": at_least(1),
+        "precision": one_of("auto", "fp32", "bf16"),
+        "num_threads": at_least(1),
+    }
+
     def __post_init__(self):
-        if self.param_dtype is not None and self.strategy not in ("fsdp", "auto"):
+        distributed = self.distributed
+        if distributed.param_dtype is not None and distributed.strategy not in ("fsdp", "auto"):
             raise ConfigFieldError(
-                "param_dtype",
-                f"invalid value {self.param_dtype!r}; expected null, or bfloat16 | float16 with trainer=fsdp "
-                f"(FSDP2 mixed precision), not trainer.strategy={self.strategy}",
+                "distributed.param_dtype",
+                f"invalid value {distributed.param_dtype!r}; expected null, or bfloat16 | float16 with "
+                "trainer=fsdp (FSDP2 mixed precision), not "
+                f"trainer.distributed.strategy={distributed.strategy}",
             )
 
 

@@ -4,7 +4,8 @@ the run asks it instead of testing which dataset it has.
 A ground truth enumerates every prompt's candidate responses and supplies
 - `candidate_ids(table)`: the candidates as sequences of the run's token table (P, K);
 - `fit_target()`: pi_ref over the candidates (P, K), the supervised reference fit's target (None: the
-  starting policy is the reference as it is);
+  starting policy is the reference as it is; else the dataset's config has the fit's options,
+  `reference_fit`: `prefopt.data.synthetic.ReferenceFitConfig`);
 - `exact_metrics(scores)`: metrics computed exactly over the candidates from the models' log-probs of
   them (`scores()` is called only by a ground truth that has candidates);
 - `convergence_target(target)`: (the minimizer the run is compared with, the policy over the

@@ -17,12 +17,12 @@ Rows = PaddedSequences | PackedSequences
 
 @dataclass(frozen=True)
 class Packing:
-    """How a batch's sequences become the decoder's rows (`trainer.packing`, `trainer.pack_tokens`,
-    `trainer.share_prompts`)."""
+    """How a batch's sequences become the decoder's rows (`trainer.layout.packing`, `pack_tokens`,
+    `share_prompts`)."""
 
     mode: bool | str = "auto"  # auto: pack when `supports_packing` says so, else pad | True | False
     pack_tokens: int | None = None  # tokens per packed row; None: the longest sequence of the batch
-    width_multiple: int = 1  # packed rows' width rounded up to this (64 under trainer.compile)
+    width_multiple: int = 1  # packed rows' width rounded up to this (64 under trainer.layout.compile)
     share_prompts: bool = True  # one row of prompt groups where the model takes it (not under compile)
 
     def packs(self, model, device) -> bool:
@@ -57,5 +57,7 @@ class Packing:
     def _support(self, model, device) -> PackingSupport:
         support = supports_packing(model, device)
         if support.layout is None and not self._shares(support) and self.mode is True:
-            raise ValueError(f"trainer.packing=true: {type(model).__name__} cannot pack: {support.reason}")
+            raise ValueError(
+                f"trainer.layout.packing=true: {type(model).__name__} cannot pack: {support.reason}"
+            )
         return support

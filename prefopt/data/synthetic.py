@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from prefopt.data.exact_metrics import exact_metrics
 from prefopt.data.ground_truth import CandidateScores
+from prefopt.schema import Check, at_least, greater_than
 
 # Candidate words: plain ones and long polysyllabic ones, so readability and length rewards differ.
 PLAIN_WORDS = [
@@ -68,6 +69,21 @@ class ContextSpec:
 
 
 @dataclass
+class ReferenceFitConfig:
+    """dataset.reference_fit: the supervised phase fitting the policy to the task's pi_ref before preference
+    training (`prefopt.engine.reference_fit`)."""
+
+    enabled: bool | None = None  # None: only when the policy starts from the embedded model's random init
+    max_steps: int = 600  # loss evaluations fitting the policy to the task's reference distribution
+    lr: float = 3e-3  # AdamW learning rate of the supervised phase (L-BFGS takes over if Adam stalls)
+    target_kl: float = 0.003  # stop early once KL(pi_ref || pi_theta0) over the candidates is below this
+    max_kl: float = 0.05  # refuse to start preference training when the fit ends above this
+    cache: bool = True  # reuse a fitted reference across runs with the same model, task, fit and seed
+
+    checks: ClassVar[dict[str, Check]] = {"max_steps": at_least(0), "lr": greater_than(0)}
+
+
+@dataclass
 class SyntheticConfig:
     num_prompts: int = 16  # ignored when `contexts` is given
     num_candidates: int = 4  # candidate responses per prompt; ignored when `contexts` is given
@@ -84,6 +100,7 @@ class SyntheticConfig:
     max_prompt_tokens: int = 32
     max_response_tokens: int = 32
     seed: int | None = None  # task seed; None: the run's seed
+    reference_fit: ReferenceFitConfig = field(default_factory=ReferenceFitConfig)  # fit pi_theta0 to pi_ref
 
 
 @dataclass

@@ -4,7 +4,7 @@
 Nothing here branches on the objective. With one process (no `torchrun`) every function is the identity,
 so the single-device loop is the same code. Under `torchrun` the launcher sets RANK / WORLD_SIZE /
 LOCAL_RANK (a multi-task SLURM step gets them from its SLURM variables, through submitit);
-`trainer.strategy` picks how the weights are shared:
+`trainer.distributed.strategy` picks how the weights are shared:
 
     fsdp   FSDP2: each decoder layer its own unit, the rest (embeddings, final norm, lm_head, the value
            head) the root unit; parameters, gradients and optimizer state sharded across ranks
@@ -210,7 +210,9 @@ def _decoder_layers(policy: nn.Module) -> list[nn.Module]:
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, nn.ModuleList):
             return list(blocks)
-    raise ValueError(f"trainer.strategy=fsdp: no decoder layers found in {type(decoder).__name__}")
+    raise ValueError(
+        f"trainer.distributed.strategy=fsdp: no decoder layers found in {type(decoder).__name__}"
+    )
 
 
 @contextlib.contextmanager
@@ -244,7 +246,7 @@ def clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
 
 
 def strategy_of(trainer) -> str:
-    return "fsdp" if trainer.strategy == "auto" else trainer.strategy
+    return "fsdp" if trainer.distributed.strategy == "auto" else trainer.distributed.strategy
 
 
 def check_divisible(pairs_per_step: int, micro: int) -> None:

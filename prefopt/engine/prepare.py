@@ -28,7 +28,7 @@ from prefopt.progress import progress_enabled
 from prefopt.rewards import build_aux_reward, score_responses
 
 log = logging.getLogger(__name__)
-COMPILED_WIDTH_MULTIPLE = 64  # packed row widths under trainer.compile: few shapes, few recompilations
+COMPILED_WIDTH_MULTIPLE = 64  # packed row widths under trainer.layout.compile: few shapes, few recompilations
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     separate = rc.model.separate_reference()  # None: pi_ref is the starting policy
     reference = frozen_reference(separate, policy, device)
     kl_side = estimator.side_sequences(_kl_setup(rc, table, truth, candidates, reference, device))
-    packing = _packing(rc.trainer)
+    packing = _packing(rc.trainer.layout)
     cached_logps, reference_cache = reference_logps(rc, reference, table, packing, device)
     keeps_reference = estimator.reads_reference_model
     if not keeps_reference and not rc.eval.generate:  # nothing reads the model after this pass
@@ -97,7 +97,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         reference_model=reference if keeps_reference else None,
         value_head=trainable["value_head"].module if "value_head" in trainable else None,
         kl_estimator=estimator,
-        chunk_tokens=rc.trainer.logps_chunk_tokens,
+        chunk_tokens=rc.trainer.layout.logps_chunk_tokens,
         aux_components=aux_components,
         packing=packing,
         policy_is_reference=separate is None,  # pi_ref = pi_theta0 until the first optimizer step
@@ -139,9 +139,9 @@ def _kl_setup(rc: RunConfig, table, truth: GroundTruth, candidates, reference, d
     return KLSetup(table, truth.prompts, candidates, reference, rc.objective, rc.seed, device)
 
 
-def _packing(trainer) -> Packing:
-    width = COMPILED_WIDTH_MULTIPLE if trainer.compile else 1
-    return Packing(trainer.packing, trainer.pack_tokens, width, trainer.share_prompts)
+def _packing(layout) -> Packing:
+    width = COMPILED_WIDTH_MULTIPLE if layout.compile else 1
+    return Packing(layout.packing, layout.pack_tokens, width, layout.share_prompts)
 
 
 def _aux_scores(aux_reward, table: SequenceTable, device) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -160,10 +160,11 @@ def _aux_scores(aux_reward, table: SequenceTable, device) -> tuple[Tensor | None
 def _trainable_parts(rc: RunConfig, policy, needs, device) -> dict[str, TrainablePart]:
     """The policy, and a value head where the objective declares one (its own learning rate; the
     optimizer's default weight decay)."""
-    parts = {"policy": TrainablePart(policy, {"lr": rc.trainer.lr, "weight_decay": rc.trainer.weight_decay})}
+    optimizer = rc.trainer.optimizer
+    parts = {"policy": TrainablePart(policy, {"lr": optimizer.lr, "weight_decay": optimizer.weight_decay})}
     if needs.value_head:
-        head = ValueHead(policy.config.hidden_size, rc.trainer.value_head_width).to(device)
-        parts["value_head"] = TrainablePart(head, {"lr": rc.trainer.value_head_lr})
+        head = ValueHead(policy.config.hidden_size, rc.objective.value_head_width).to(device)
+        parts["value_head"] = TrainablePart(head, {"lr": rc.objective.value_head_lr})
     return parts
 
 

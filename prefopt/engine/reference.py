@@ -33,21 +33,25 @@ log = logging.getLogger(__name__)
 def wants_reference_fit(rc: RunConfig, truth: GroundTruth) -> bool:
     """Fit pi_ref only where it means something: a ground truth that knows pi_ref over its candidates,
     and a policy that starts untrained (a checkpoint continues as it is) unless
-    `trainer.reference_fit.enabled` says otherwise."""
-    cfg = rc.trainer.reference_fit
+    `dataset.reference_fit.enabled` says otherwise."""
+    if truth.fit_target() is None:
+        return False
+    cfg = rc.dataset.reference_fit  # a dataset whose ground truth has a pi_ref has the fit's options
     enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
-    return bool(enabled) and truth.fit_target() is not None and cfg.max_steps > 0
+    return bool(enabled) and cfg.max_steps > 0
 
 
 def fit_to_task(rc: RunConfig, policy, table, candidates, truth: GroundTruth, device) -> dict:
     """Fit the starting policy to the ground truth's pi_ref over its candidates (cached per model, data,
     fit settings and seed); the fit's report for summary.json."""
-    cfg = rc.trainer.reference_fit
-    key = cache_key(rc.raw["model"], rc.raw["dataset"], vars(cfg), rc.seed, truth.vocabulary())
+    cfg = rc.dataset.reference_fit
+    dataset = {k: v for k, v in rc.raw["dataset"].items() if k != "reference_fit"}  # the fit's own: vars(cfg)
+    key = cache_key(rc.raw["model"], dataset, vars(cfg), rc.seed, truth.vocabulary())
     report = load_cached(policy, key) if cfg.cache else None
     if report is None:
         target = truth.fit_target()
-        report = fit_reference(policy, table, candidates, target, cfg, device, rc.trainer.logps_chunk_tokens)
+        chunk_tokens = rc.trainer.layout.logps_chunk_tokens
+        report = fit_reference(policy, table, candidates, target, cfg, device, chunk_tokens)
         if cfg.cache and report["kl"] <= cfg.max_kl:
             store_cached(policy, key, report)
     # Where the fitted reference is and what it is, for summary.json: `prefopt evaluate` checks its digest
@@ -114,13 +118,13 @@ def all_sequence_logps(
 
 def reference_logps(rc: RunConfig, reference, table, packing: Packing, device) -> tuple[Tensor, str]:
     """(S,) the reference's log-prob of every table sequence, from the cache when it holds them."""
-    chunk = rc.trainer.logps_chunk_tokens
+    chunk = rc.trainer.layout.logps_chunk_tokens
     return cached_reference_logps(
         reference,
         table,
         lambda: all_sequence_logps(reference, table, chunk, device, packing),
         device,
-        enabled=rc.trainer.reference_cache,
+        enabled=rc.trainer.layout.reference_cache,
         chunk_tokens=chunk,
         precision=rc.trainer.precision,
         packing=[packing.mode, packing.pack_tokens, packing.shares_prompts(reference, device)],

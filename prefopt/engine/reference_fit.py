@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prefopt.config import ReferenceFitConfig
 from prefopt.data.batching import SequenceTable
+from prefopt.data.synthetic import ReferenceFitConfig
 from prefopt.files import DamagedFile, read_sealed_json, sealed, sha256_file
 from prefopt.models.logps import model_logps
 from prefopt.progress import progress
@@ -156,10 +156,10 @@ def check_fit(report: dict[str, float], cfg: ReferenceFitConfig) -> None:
     if report["kl"] > cfg.max_kl:
         raise ReferenceFitError(
             f"reference fit ended at KL(pi_ref || pi_theta0) = {report['kl']:.4f} > "
-            f"trainer.reference_fit.max_kl = {cfg.max_kl} after {report['steps']} steps "
+            f"dataset.reference_fit.max_kl = {cfg.max_kl} after {report['steps']} steps "
             f"(worst prompt {report['kl_max']:.4f}, outside mass {report['outside_mass']:.3f}); raise "
-            f"trainer.reference_fit.max_steps (now {cfg.max_steps}), give the model more capacity "
-            "(model.hidden_size, model.num_layers) or accept a looser fit with trainer.reference_fit.max_kl"
+            f"dataset.reference_fit.max_steps (now {cfg.max_steps}), give the model more capacity "
+            "(model.hidden_size, model.num_layers) or accept a looser fit with dataset.reference_fit.max_kl"
         )
 
 

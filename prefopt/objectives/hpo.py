@@ -24,7 +24,7 @@ exactly. Metrics: actor_weight (mean w), actor_weight_clipped (share of weights 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,7 +39,8 @@ BASES = ("dpo", "kto")
 @dataclass
 class HPOConfig(dpo.DPOConfig):
     """DPO's beta (> 0, the base loss's inverse temperature) and label_smoothing (the dpo base's), plus the
-    base, its reward margin, KTO's weights and the actor and value terms."""
+    base, its reward margin, KTO's weights, the actor and value terms and the value head the loop builds and
+    optimizes (`loop_only`: not passed to the loss)."""
 
     base: str = "dpo"
     """Base preference loss: dpo | kto."""
@@ -61,6 +62,10 @@ class HPOConfig(dpo.DPOConfig):
     """Optimizer steps with the actor loss off, so that V can fit first."""
     max_weight: float | None = 20.0
     """Upper clamp on the actor weight exp(lambda A) (AWR's 20); None or inf: unclipped, as in the paper."""
+    value_head_lr: float = field(default=1e-3, metadata={"loop_only": True})
+    """Learning rate of the value head V(x) the loop owns and optimizes (its own parameter group)."""
+    value_head_width: int = field(default=128, metadata={"loop_only": True})
+    """Hidden width of the value head's MLP."""
 
     def __post_init__(self) -> None:
         if self.base not in BASES:

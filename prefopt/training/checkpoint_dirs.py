@@ -113,13 +113,13 @@ def _safetensors_header_ok(file: Path, size: int) -> bool:
 
 
 def find_checkpoint(target: str, run_dir: Path) -> Path | None:
-    """`trainer.resume`: `auto` is the newest intact checkpoint in the run dir (None when there is none;
-    a damaged newer one is skipped with a warning); a path is that checkpoint, or the newest intact one of
-    that run dir."""
+    """`trainer.checkpoint.resume`: `auto` is the newest intact checkpoint in the run dir (None when there is
+    none; a damaged newer one is skipped with a warning); a path is that checkpoint, or the newest intact one
+    of that run dir."""
     if target != "auto":
         path = Path(target).expanduser()
         if not path.exists():
-            raise CheckpointError(f"trainer.resume={target}: no such file or directory")
+            raise CheckpointError(f"trainer.checkpoint.resume={target}: no such file or directory")
         if (path / STATE_FILE).exists() or path.name.startswith("step-"):
             read_state(path)
             return path
@@ -137,5 +137,5 @@ def find_checkpoint(target: str, run_dir: Path) -> Path | None:
     if damaged:
         raise CheckpointError(f"no intact checkpoint in {run_dir / CHECKPOINTS}: {'; '.join(damaged)}")
     if target != "auto":
-        raise CheckpointError(f"trainer.resume={target}: no checkpoint in {run_dir / CHECKPOINTS}")
+        raise CheckpointError(f"trainer.checkpoint.resume={target}: no checkpoint in {run_dir / CHECKPOINTS}")
     return None

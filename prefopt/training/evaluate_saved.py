@@ -53,12 +53,16 @@ def _new_dir(parent: Path) -> Path:
 def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, Path | None]:
     """The resolved config of the evaluation, the folder its run dir goes in and the evaluated run dir
     (None: a checkpoint)."""
+    from prefopt.config.aliases import rewrite_overrides, upgrade_config
     from prefopt.models.pretrained import PretrainedModelConfig
 
-    parsed = parse_overrides(overrides)  # a malformed one fails before anything is read
+    parsed = parse_overrides(rewrite_overrides(overrides))  # old keys renamed; a malformed one fails here
     run_config = target / "config.yaml"
     if run_config.is_file():  # a run dir: its own model config, the checkpoint's weights loaded later
         raw = OmegaConf.to_container(OmegaConf.load(run_config))
+        moved = upgrade_config(raw)  # a run from before the trainer's split
+        if moved:
+            log.warning("%s: read with the keys of this release (%s moved)", run_config, ", ".join(moved))
         source, checkpoint = target, target / "checkpoint"
         out = target / "evaluate"
     else:  # a checkpoint: the default config, data from the overrides, the checkpoint its own reference
@@ -71,7 +75,7 @@ def evaluation_config(target: Path, overrides: list[str]) -> tuple[dict, Path, P
         raw["model"] = {"name": "pretrained", **asdict(PretrainedModelConfig(name_or_path=str(checkpoint)))}
     if not (checkpoint / "config.json").is_file() and not (checkpoint / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: no saved model (config.json or adapter_config.json)")
-    raw["trainer"] |= {"save_checkpoint": False, "resume": None}
+    raw["trainer"]["checkpoint"] |= {"export": False, "resume": None}
     raw["eval"] |= {"at_start": False, "generate": True}
     config = OmegaConf.create(raw)
     for override in parsed:
@@ -224,7 +228,7 @@ def _runs_own_reference(rc, run, source: Path, device) -> tuple[object, dict]:
             run.reference_fit["cache_key"],
             summary,
         )
-        rc.trainer.reference_fit.cache = False
+        rc.dataset.reference_fit.cache = False
         run = prepare(rc, device)
     found = run.reference_fit["weights_sha256"]
     if expected is None:

@@ -68,10 +68,14 @@ def start(rc: RunConfig, run_dir: Path, device, tracker, plan) -> Loop:
     trainable = TrainableModules({name: part.module for name, part in run.trainable.items()})
     run.inputs.packing.packs(run.policy, device)  # probe the decoder once, before any sharding
     speed_up(run.policy, trainer)
-    model = wrap(trainable, strategy_of(trainer), device, trainer.param_dtype)  # FSDP2 shards in place
+    model = wrap(
+        trainable, strategy_of(trainer), device, trainer.distributed.param_dtype
+    )  # FSDP2 shards in place
     optimizer, params = build_optimizer(run.trainable, trainer, device)
     optimizer.zero_grad(set_to_none=True)
-    scheduler = get_scheduler(trainer.lr_schedule, optimizer, trainer.warmup_steps, max_steps)
+    scheduler = get_scheduler(
+        trainer.optimizer.lr_schedule, optimizer, trainer.optimizer.warmup_steps, max_steps
+    )
     pairs_per_step = min(trainer.batch_size, len(run.train))
     if pairs_per_step < trainer.batch_size:
         log.info(
@@ -200,7 +204,7 @@ def checkpoint_or_stop(loop: Loop, step: int, stop: str | None) -> None:
     """With checkpointing on, save every `checkpoint_every_steps` and at the end (a failure in the final
     evaluation loses no step); off, a finished run has nothing to resume and ends with the export alone.
     A preempted run always saves, then stops."""
-    every = loop.rc.trainer.checkpoint_every_steps
+    every = loop.rc.trainer.checkpoint.every_steps
     saved_at = None
     if stop or (every and (step % every == 0 or step == loop.max_steps)):
         saved_at = save(loop, step)
@@ -218,7 +222,7 @@ def save(loop: Loop, step: int) -> Path:
         "metrics_records": loop.tracker.records,
         "reference_logps_sha256": _digest(loop.run.inputs.reference_logps),
     }
-    keep = loop.rc.trainer.keep_last_checkpoints
+    keep = loop.rc.trainer.checkpoint.keep_last
     return save_checkpoint(
         loop.run_dir, step, loop.trainable, loop.optimizer, loop.scheduler, loop.sampler, record, keep
     )
@@ -266,7 +270,7 @@ def finish(loop: Loop, started: float) -> dict:
         (final_eval, final_detail),
         full_batch,
     )
-    if rc.trainer.save_checkpoint:  # under LoRA the adapter, and the merged model on request
+    if rc.trainer.checkpoint.export:  # under LoRA the adapter, and the merged model on request
         export_policy(run, rc, loop.run_dir / "checkpoint")
     evaluation = {
         "history": state.history,

@@ -67,7 +67,7 @@ def skip_bad_step(state: LoopState, step: int, examples, step_sums: dict, max_ba
         raise NonFiniteTraining(
             f"trainer.max_bad_steps={max_bad_steps}: {state.consecutive_bad} steps in a row (the last, "
             f"step {step}) had a non-finite loss or gradient; last train pairs {pairs[:8]}. Lower "
-            "trainer.lr, keep trainer.max_grad_norm set, or check those pairs"
+            "trainer.optimizer.lr, keep trainer.optimizer.max_grad_norm set, or check those pairs"
         )
 
 

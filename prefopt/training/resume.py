@@ -1,27 +1,30 @@
-"""`trainer.resume`: which checkpoint a run continues from, decided before anything loads.
+"""`trainer.checkpoint.resume`: which checkpoint a run continues from, decided before anything loads.
 
-A run dir holds one run. Without `trainer.resume` a run dir that already has `metrics.jsonl` is refused,
-unless its earlier attempt failed before its first training step (then it is replaced); with
-`trainer.resume=auto` a finished run is skipped (so a whole multirun can be resumed), an interrupted one
-continues from its newest intact checkpoint, and one that never checkpointed starts over. A damaged
-summary.json or checkpoint is named in a warning and passed over. The config must be the checkpoint's,
-except the keys `trainer.resume_allow_changes` names.
+A run dir holds one run. Without `trainer.checkpoint.resume` a run dir that already has `metrics.jsonl` is
+refused, unless its earlier attempt failed before its first training step (then it is replaced); with
+`trainer.checkpoint.resume=auto` a finished run is skipped (so a whole multirun can be resumed), an
+interrupted one continues from its newest intact checkpoint, and one that never checkpointed starts over. A
+damaged summary.json or checkpoint is named in a warning and passed over. The config must be the
+checkpoint's, except the keys `trainer.checkpoint.resume_allow_changes` names (old keys of a checkpoint
+from before the trainer's split are read as their new ones: `prefopt.config.aliases`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import RunConfig
+from prefopt.config.aliases import new_key, upgrade_config
 from prefopt.errors import ConfigError
 from prefopt.files import DamagedFile, read_json
 
 log = logging.getLogger(__name__)
 
-ALWAYS_ALLOWED = ("trainer.resume", "trainer.resume_allow_changes", "hydra")
+ALWAYS_ALLOWED = ("trainer.checkpoint.resume", "trainer.checkpoint.resume_allow_changes", "hydra")
 
 
 class RunDirInUse(FileExistsError):
@@ -37,18 +40,18 @@ class ResumePlan:
 
 
 def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
-    """Raises RunDirInUse, or ConfigError naming `trainer.resume` or the changed keys."""
+    """Raises RunDirInUse, or ConfigError naming `trainer.checkpoint.resume` or the changed keys."""
     from prefopt.training.checkpoint import CheckpointError, find_checkpoint, read_state  # loads torch
 
-    target = rc.trainer.resume
+    target = rc.trainer.checkpoint.resume
     has_metrics = (run_dir / "metrics.jsonl").exists()
     if target is None:
         if not has_metrics:
             return ResumePlan()
         if not failed_before_training(run_dir):
             raise RunDirInUse(
-                f"{run_dir} already holds a run (metrics.jsonl); continue it with trainer.resume=auto, "
-                "or choose another hydra.run.dir"
+                f"{run_dir} already holds a run (metrics.jsonl); continue it with "
+                "trainer.checkpoint.resume=auto, or choose another hydra.run.dir"
             )
         log.info("%s: replacing an earlier attempt that failed before its first training step", run_dir)
         return ResumePlan(restart=True)
@@ -59,11 +62,15 @@ def plan_resume(rc: RunConfig, run_dir: Path) -> ResumePlan:
     try:
         checkpoint = find_checkpoint(target, run_dir)
     except CheckpointError as error:
-        raise ConfigError(f"trainer.resume: {error}") from None
+        raise ConfigError(f"trainer.checkpoint.resume: {error}") from None
     if checkpoint is None:
         return ResumePlan(restart=has_metrics)
     state = read_state(checkpoint)
-    check_config_unchanged(rc.raw, state["config"], rc.trainer.resume_allow_changes)
+    saved = copy.deepcopy(state["config"])
+    if upgrade_config(saved):  # a checkpoint from before the trainer's split
+        log.info("%s: its config read with the keys of this release", checkpoint)
+    allowed = [new_key(key) for key in rc.trainer.checkpoint.resume_allow_changes]  # old keys too
+    check_config_unchanged(rc.raw, saved, allowed)
     return ResumePlan(checkpoint=checkpoint, state=state)
 
 
@@ -120,9 +127,9 @@ def check_config_unchanged(current: dict, saved: dict, allowed: list[str]) -> No
             f"{k} ({then.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r})" for k in changed[:5]
         )
         raise ConfigError(
-            f"trainer.resume: the config differs from the checkpoint's in {shown}"
+            f"trainer.checkpoint.resume: the config differs from the checkpoint's in {shown}"
             f"{' and more' if len(changed) > 5 else ''}; undo the change, or list the keys in "
-            "trainer.resume_allow_changes"
+            "trainer.checkpoint.resume_allow_changes"
         )
 
 

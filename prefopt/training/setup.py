@@ -18,27 +18,27 @@ def trainable_params(module) -> list:
 
 
 def build_optimizer(parts: dict, trainer, device) -> tuple[torch.optim.Optimizer, list]:
-    """`trainer.optimizer` over what the parts declare trainable (`PreparedRun.trainable`: name ->
+    """`trainer.optimizer.name` over what the parts declare trainable (`PreparedRun.trainable`: name ->
     TrainablePart), one parameter group per part with the options it declares; and the parameters."""
     groups = [{"params": trainable_params(part.module), **part.optimizer_options} for part in parts.values()]
     params = [p for group in groups for p in group["params"]]
-    return OPTIMIZERS[trainer.optimizer](groups, trainer, device), params
+    return OPTIMIZERS[trainer.optimizer.name](groups, trainer.optimizer, device), params
 
 
 def max_grad_norm(trainer) -> float:
-    return trainer.max_grad_norm if trainer.max_grad_norm is not None else float("inf")
+    return trainer.optimizer.max_grad_norm if trainer.optimizer.max_grad_norm is not None else float("inf")
 
 
 def speed_up(policy, trainer) -> None:
-    """trainer.gradient_checkpointing (recompute each layer in backward) and trainer.compile (the decoder,
-    in place, dynamic shapes: packed rows vary in length)."""
-    if trainer.gradient_checkpointing:
+    """trainer.layout.gradient_checkpointing (recompute each layer in backward) and trainer.layout.compile
+    (the decoder, in place, dynamic shapes: packed rows vary in length)."""
+    if trainer.layout.gradient_checkpointing:
         options = {"use_reentrant": False}
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    if trainer.compile:
+    if trainer.layout.compile:
         policy.get_decoder().compile(dynamic=True)
 
 

@@ -2,9 +2,9 @@
 in a run dir: tracker, preemption guard, and summary.json however the run ends.
 
 Checkpoints hold the whole training state (`prefopt.training.checkpoint`), so a run killed at any moment
-and resumed with `trainer.resume=auto` takes the same steps as one never interrupted. One process writes a
-run dir (`prefopt.files.RunDirLock`), every state file is written atomically, and a full disk ends the run
-with one line naming the command that resumes it.
+and resumed with `trainer.checkpoint.resume=auto` takes the same steps as one never interrupted. One process
+writes a run dir (`prefopt.files.RunDirLock`), every state file is written atomically, and a full disk ends
+the run with one line naming the command that resumes it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
             if main_process
             else NullTracker()
         )
-        with PreemptionGuard(rc.trainer.preemption_signals) as guard:
+        with PreemptionGuard(rc.trainer.checkpoint.preemption_signals) as guard:
             try:
                 loop = start(rc, run_dir, device, tracker, plan)
                 run_loop(loop, guard, started)
@@ -120,13 +120,13 @@ def _write_failed_summary(rc: RunConfig, run_dir: Path, error: BaseException, st
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues this run: its own overrides, its run dir, trainer.resume=auto."""
+    """The command that continues this run: its own overrides, its run dir, trainer.checkpoint.resume=auto."""
     try:
         task = hydra.core.hydra_config.HydraConfig.get().overrides.task
     except ValueError:  # called without Hydra (a test, `prefopt evaluate`)
         task = []
-    kept = [o for o in task if not o.startswith(("hydra.run.dir=", "trainer.resume="))]
-    words = ["prefopt", "train", *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    kept = [o for o in task if not o.startswith(("hydra.run.dir=", "trainer.checkpoint.resume="))]
+    words = ["prefopt", "train", *kept, f"hydra.run.dir={run_dir}", "trainer.checkpoint.resume=auto"]
     return " ".join(shlex.quote(w) for w in words)
 
 

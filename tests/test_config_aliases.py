@@ -1,0 +1,274 @@
+"""The keys of the flat `trainer` group before its split (trainer.lr, trainer.save_checkpoint,
+trainer.value_head_lr, trainer.reference_fit, ...) keep working for one release: on the command line (with a
+notice naming old and new key), in a run dir or checkpoint written before the split (`prefopt evaluate`,
+`trainer.checkpoint.resume`), and in `trainer.checkpoint.resume_allow_changes`.
+
+An old run is made here the way the last release wrote it: a run's config.yaml and its checkpoint's
+trainer_state.json rewritten to the old layout, whose keys and defaults are spelled out below, not derived
+from the alias table under test."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import FAST, FAST_MODEL, ROOT, compose_config, read_jsonl, run_training
+from omegaconf import OmegaConf
+
+from prefopt.config import load_run_config
+from prefopt.config.aliases import ALIASES, new_key, rewrite_overrides, upgrade_config
+from prefopt.training.checkpoint import checkpoint_dir
+
+# conf/trainer/default.yaml of the release before the split, key for key.
+OLD_TRAINER = {
+    "max_steps": 200,
+    "epochs": None,
+    "optimizer": "adamw",
+    "batch_size": 32,
+    "micro_batch_size": None,
+    "lr": 1.0e-3,
+    "weight_decay": 0.0,
+    "adam_betas": [0.9, 0.999],
+    "lr_schedule": "cosine",
+    "warmup_steps": 10,
+    "max_grad_norm": 1.0,
+    "precision": "auto",
+    "device": "auto",
+    "num_threads": 1,
+    "logps_chunk_tokens": 256,
+    "packing": "auto",
+    "pack_tokens": None,
+    "share_prompts": True,
+    "reference_cache": True,
+    "log_every_steps": 10,
+    "value_head_lr": 1.0e-3,
+    "value_head_width": 128,
+    "save_checkpoint": True,
+    "checkpoint_every_steps": 100,
+    "keep_last_checkpoints": 2,
+    "resume": None,
+    "resume_allow_changes": [
+        "trainer.max_steps",
+        "trainer.checkpoint_every_steps",
+        "trainer.strategy",
+        "logger",
+    ],
+    "max_bad_steps": 5,
+    "preemption_signals": ["SIGTERM", "SIGINT", "SIGUSR1"],
+    "strategy": "auto",
+    "compile": False,
+    "gradient_checkpointing": False,
+    "fused_optimizer": None,
+    "param_dtype": None,
+    "reference_fit": {
+        "enabled": None,
+        "max_steps": 600,
+        "lr": 3.0e-3,
+        "target_kl": 0.003,
+        "max_kl": 0.05,
+        "cache": True,
+    },
+}
+
+
+def old_layout(raw: dict) -> dict:
+    """A resolved config of this release as the last one wrote it: one flat trainer node (its values from
+    `raw`), the reference fit under it, no value head options on the objective."""
+    raw = copy.deepcopy(raw)
+    trainer = raw["trainer"]
+    flat = {k: v for k, v in trainer.items() if k not in ("optimizer", "layout", "checkpoint", "distributed")}
+    optimizer, layout, checkpoint = trainer["optimizer"], trainer["layout"], trainer["checkpoint"]
+    flat |= {"optimizer": optimizer["name"], "fused_optimizer": optimizer["fused"]}
+    flat |= {k: optimizer[k] for k in ("lr", "weight_decay", "adam_betas", "lr_schedule", "warmup_steps")}
+    flat |= {"max_grad_norm": optimizer["max_grad_norm"], **layout, **trainer["distributed"]}
+    flat |= {"save_checkpoint": checkpoint["export"], "checkpoint_every_steps": checkpoint["every_steps"]}
+    flat |= {"keep_last_checkpoints": checkpoint["keep_last"], "resume": checkpoint["resume"]}
+    flat |= {"preemption_signals": checkpoint["preemption_signals"]}
+    flat["resume_allow_changes"] = [
+        {"trainer.checkpoint.every_steps": "trainer.checkpoint_every_steps"}.get(
+            key, {"trainer.distributed.strategy": "trainer.strategy"}.get(key, key)
+        )
+        for key in checkpoint["resume_allow_changes"]
+    ]
+    flat["reference_fit"] = raw["dataset"].pop("reference_fit", OLD_TRAINER["reference_fit"])
+    flat["value_head_lr"] = raw["objective"].pop("value_head_lr", OLD_TRAINER["value_head_lr"])
+    flat["value_head_width"] = raw["objective"].pop("value_head_width", OLD_TRAINER["value_head_width"])
+    raw["trainer"] = flat
+    return raw
+
+
+def resolved(*overrides: str) -> dict:
+    return OmegaConf.to_container(compose_config(*overrides), resolve=True)
+
+
+def test_the_old_layout_spelled_out_here_is_the_last_releases_default():
+    """The literal above and `old_layout` of this release's defaults agree, key for key (the two halves of
+    the next test check each other)."""
+    assert old_layout(resolved())["trainer"] == OLD_TRAINER
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # synthetic, dpo: the reference fit moves to the dataset, the value head options are dropped
+        ["objective=hpo"],  # the value head options move to the objective
+        ["dataset=preference", "dataset.path=org/pairs"],  # no reference fit to move: dropped
+        ["+experiment=hpo_hh"],  # rmsprop: the optimizer's name becomes trainer.optimizer.name
+    ],
+)
+def test_an_old_config_is_read_as_the_same_config_in_the_new_layout(overrides):
+    new = resolved(*overrides)
+    old = old_layout(new)
+    moved = upgrade_config(old)
+    assert old == new
+    assert {"trainer.lr", "trainer.save_checkpoint", "trainer.reference_fit"} <= set(moved)
+
+
+def test_a_config_in_the_new_layout_is_left_as_it_is():
+    new = resolved("objective=hpo")
+    again = copy.deepcopy(new)
+    assert upgrade_config(again) == [] and again == new
+
+
+def test_every_old_key_was_a_trainer_key_and_its_new_key_is_in_the_composed_config():
+    raw = resolved("objective=hpo")
+    for old, new in ALIASES.items():
+        assert old.split(".", 1)[1] in OLD_TRAINER, old
+        *path, last = new.split(".")
+        node = raw
+        for part in path:
+            node = node[part]
+        assert last in node, new
+
+
+def test_resume_allow_changes_takes_old_keys_and_prefixes():
+    assert new_key("trainer.lr") == "trainer.optimizer.lr"
+    assert new_key("trainer.checkpoint_every_steps") == "trainer.checkpoint.every_steps"
+    assert new_key("trainer.reference_fit") == "dataset.reference_fit"
+    assert new_key("trainer.reference_fit.max_kl") == "dataset.reference_fit.max_kl"
+    assert new_key("trainer.value_head_lr") == "objective.value_head_lr"
+    for key in ("trainer.optimizer", "trainer.optimizer.lr", "trainer.max_steps", "logger", "objective"):
+        assert new_key(key) == key  # names in the new layout are never rewritten
+
+
+def test_old_overrides_are_rewritten_keeping_their_prefix_and_value(capsys):
+    args = [
+        "-m",
+        "trainer.lr=1e-3,1e-4",
+        "+trainer.reference_fit.max_kl=1",
+        "~trainer.fused_optimizer",
+        "trainer.optimizer=rmsprop",
+        "trainer.optimizer.lr=2",
+        "--cfg",
+        "job",
+        "trainer=fsdp",
+        "objective.beta=0.2",
+    ]
+    assert rewrite_overrides(args) == [
+        "-m",
+        "trainer.optimizer.lr=1e-3,1e-4",
+        "+dataset.reference_fit.max_kl=1",
+        "~trainer.optimizer.fused",
+        "trainer.optimizer.name=rmsprop",
+        "trainer.optimizer.lr=2",
+        "--cfg",
+        "job",
+        "trainer=fsdp",
+        "objective.beta=0.2",
+    ]
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 4
+    for notice, (old, new) in zip(
+        notices,
+        [
+            ("trainer.lr", "trainer.optimizer.lr"),
+            ("trainer.reference_fit.max_kl", "dataset.reference_fit.max_kl"),
+            ("trainer.fused_optimizer", "trainer.optimizer.fused"),
+            ("trainer.optimizer", "trainer.optimizer.name"),
+        ],
+        strict=True,
+    ):
+        assert old in notice and new in notice
+
+
+def test_prefopt_train_with_old_keys_runs_and_names_each_rewrite(tmp_path):
+    """The real CLI: old keys in, a run with the same settings out, one stderr line per old key naming it and
+    its new key."""
+    old = [
+        "trainer.reference_fit.lr=1e-2",
+        "trainer.reference_fit.max_kl=0.2",
+        "trainer.lr=3e-3",
+        "trainer.save_checkpoint=false",
+        "trainer.checkpoint_every_steps=null",
+        "trainer.share_prompts=false",
+    ]
+    fast = [o for o in FAST if not o.startswith("dataset.reference_fit.")]
+    args = [sys.executable, "-m", "prefopt.cli", "train", *fast, *FAST_MODEL, "trainer.max_steps=2", *old]
+    env = {**os.environ, "CI": "true"}
+    result = subprocess.run(
+        [*args, f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r][-1] == 2
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["trainer"]["optimizer"]["lr"] == 3e-3
+    assert config["trainer"]["checkpoint"]["export"] is False
+    assert config["trainer"]["checkpoint"]["every_steps"] is None
+    assert config["trainer"]["layout"]["share_prompts"] is False
+    assert config["dataset"]["reference_fit"]["max_kl"] == 0.2
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoints").exists()
+    for override in old:
+        key = override.split("=")[0]
+        assert any(key in line and new_key(key) in line for line in result.stderr.splitlines()), key
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A finished tiny run with checkpoints at steps 5 and 6, rewritten as the last release wrote it."""
+    run_dir = tmp_path_factory.mktemp("old") / "run"
+    run_training(run_dir, "trainer.max_steps=6", "trainer.checkpoint.every_steps=5")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old_layout(config)))
+    for step in (5, 6):
+        state_file = checkpoint_dir(run_dir, step) / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state["config"] = old_layout(state["config"])
+        state_file.write_text(json.dumps(state))
+    return run_dir
+
+
+def test_prefopt_evaluate_reads_an_old_run(old_run):
+    from prefopt.training.evaluate_saved import main
+
+    assert main([str(old_run), "logger=none", "eval.generate=false", "trainer.share_prompts=true"]) == 0
+    (out,) = (old_run / "evaluate").iterdir()
+    final = json.loads((out / "eval.json").read_text())["final"]
+    expected = json.loads((old_run / "eval.json").read_text())["final"]
+    assert {k: final.get(k) for k in expected} == expected
+
+
+def test_an_old_checkpoint_resumes_and_old_keys_may_be_allowed_to_change(old_run, tmp_path):
+    from prefopt.errors import ConfigError
+    from prefopt.training.resume import plan_resume
+
+    def plan(*overrides):
+        common = [*FAST, *FAST_MODEL, "trainer.max_steps=6", "trainer.checkpoint.every_steps=5"]
+        rc = load_run_config(compose_config(*common, f"trainer.checkpoint.resume={old_run}", *overrides))
+        return plan_resume(rc, tmp_path)
+
+    assert plan().checkpoint == checkpoint_dir(old_run, 6)
+    with pytest.raises(ConfigError, match=r"trainer\.optimizer\.lr"):
+        plan("trainer.optimizer.lr=0.5")
+    assert plan("trainer.optimizer.lr=0.5", "trainer.checkpoint.resume_allow_changes=[trainer.lr]").checkpoint
+    assert plan(
+        "dataset.reference_fit.max_kl=0.3", "trainer.checkpoint.resume_allow_changes=[trainer.reference_fit]"
+    )
+    resumed = run_training(tmp_path, "trainer.max_steps=8", f"trainer.checkpoint.resume={old_run}")
+    assert resumed["status"] == "completed" and resumed["resumed_at"] == [6]
