@@ -16,6 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefopt.config.overrides import parse_error
 from prefopt.files import DamagedFile, read_json
 from prefopt.research.figures import CONVERGED
 from prefopt.research.formatting import fmt_value
@@ -119,7 +120,7 @@ def parse_override(text: str) -> tuple[str, Any] | None:
     try:
         (override,) = OverridesParser.create().parse_overrides([text])
     except HydraException as error:
-        raise ValueError(f"malformed override {text!r}: {_parse_error(error)}") from None
+        raise ValueError(f"malformed override {text!r}: {parse_error(error)}") from None
     if override.is_delete():
         return None
     key = override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
@@ -127,13 +128,6 @@ def parse_override(text: str) -> tuple[str, Any] | None:
         return key, override.get_value_string().strip()
     value = override.value()
     return key, override.get_value_element_as_str() if isinstance(value, list | dict) else value
-
-
-def _parse_error(error: Exception) -> str:
-    """The line of a Hydra override-parser error that says what is wrong (without its header and link)."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    skip = ("Error parsing override", "See https://", "^")
-    return next((line for line in lines if line and not line.startswith(skip)), "cannot be parsed")
 
 
 def _job_override(item: Any) -> tuple[str, Any] | None:
