@@ -61,7 +61,7 @@ class PreparedRun:
 def prepare(rc: RunConfig, device) -> PreparedRun:
     """Data, aux reward, model, tokens, reference (fitted where the task has one), the caches the loop
     reads, and the trainable parts; each part is asked for what it declares."""
-    text, aux_reward = _load_data(rc)
+    text, aux_reward = _load_data(rc.dataset_name, rc.dataset, rc.aux_reward_configs, rc.seed)
     truth, needs = text.ground_truth, rc.objective.requirements()
     estimator = KL_ESTIMATORS[rc.objective.kl_estimator] if needs.kl else NO_KL
     estimator.check(enumerates_responses=truth.enumerates_responses)
@@ -76,19 +76,23 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         for split in (train, held_out):
             split.mismatched = _mismatched(table, split, rc.seed)
     fit_report = None
-    if wants_reference_fit(rc, truth):
+    if wants_reference_fit(truth, rc.dataset, MODELS[rc.model_name].random_init):
         fit_report = fit_to_task(rc, policy, table, candidates, truth, device)
     separate = rc.model.separate_reference()  # None: pi_ref is the starting policy
     reference = frozen_reference(separate, policy, device)
-    kl_side = estimator.side_sequences(_kl_setup(rc, table, truth, candidates, reference, device))
-    packing = _packing(rc.trainer.layout)
-    cached_logps, reference_cache = reference_logps(rc, reference, table, packing, device)
+    setup = KLSetup(table, truth.prompts, candidates, reference, rc.objective, rc.seed, device)
+    kl_side = estimator.side_sequences(setup)
+    layout = rc.trainer.layout
+    packing = _packing(layout)
+    cached_logps, reference_cache = reference_logps(
+        reference, table, packing, layout, rc.trainer.precision, device
+    )
     keeps_reference = estimator.reads_reference_model
     if not keeps_reference and not rc.eval.generate:  # nothing reads the model after this pass
         reference = None
         free_memory(device)
     aux_rewards, aux_components = _aux_scores(aux_reward, table, device)
-    trainable = _trainable_parts(rc, policy, needs, device)
+    trainable = _trainable_parts(policy, rc.trainer.optimizer, rc.objective, needs, device)
     inputs = LossInputs(
         objective=OBJECTIVES[rc.objective_name],
         hparams=rc.objective,
@@ -97,7 +101,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         reference_model=reference if keeps_reference else None,
         value_head=trainable["value_head"].module if "value_head" in trainable else None,
         kl_estimator=estimator,
-        chunk_tokens=rc.trainer.layout.logps_chunk_tokens,
+        chunk_tokens=layout.logps_chunk_tokens,
         aux_components=aux_components,
         packing=packing,
         policy_is_reference=separate is None,  # pi_ref = pi_theta0 until the first optimizer step
@@ -110,11 +114,11 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     )  # fmt: skip
 
 
-def _load_data(rc: RunConfig) -> tuple[TextData, object]:
+def _load_data(name: str, dataset, aux_reward_configs: dict, seed: int) -> tuple[TextData, object]:
     """The dataset's text pairs and the aux reward R (a bad reward fails here, before the model loads)."""
-    text = DATASETS[rc.dataset_name].load(rc.dataset, rc.seed)
-    log.info("data: %s, %d train and %d held-out pairs", rc.dataset_name, len(text.train), len(text.eval))
-    aux_reward = build_aux_reward(rc.aux_reward_configs, text.task)
+    text = DATASETS[name].load(dataset, seed)
+    log.info("data: %s, %d train and %d held-out pairs", name, len(text.train), len(text.eval))
+    aux_reward = build_aux_reward(aux_reward_configs, text.task)
     for request in text.requests_after_model():
         request.check_scorer(aux_reward.components if aux_reward is not None else {})
     return text, aux_reward
@@ -135,10 +139,6 @@ def _tokenize(tokenizer, text: TextData) -> tuple[SequenceTable, PairSplit, Pair
     return table, train, held_out
 
 
-def _kl_setup(rc: RunConfig, table, truth: GroundTruth, candidates, reference, device) -> KLSetup:
-    return KLSetup(table, truth.prompts, candidates, reference, rc.objective, rc.seed, device)
-
-
 def _packing(layout) -> Packing:
     width = COMPILED_WIDTH_MULTIPLE if layout.compile else 1
     return Packing(layout.packing, layout.pack_tokens, width, layout.share_prompts)
@@ -157,14 +157,13 @@ def _aux_scores(aux_reward, table: SequenceTable, device) -> tuple[Tensor | None
     return as_tensor(aux_reward.combine(scores)), {name: as_tensor(v) for name, v in scores.items()}
 
 
-def _trainable_parts(rc: RunConfig, policy, needs, device) -> dict[str, TrainablePart]:
-    """The policy, and a value head where the objective declares one (its own learning rate; the
-    optimizer's default weight decay)."""
-    optimizer = rc.trainer.optimizer
+def _trainable_parts(policy, optimizer, objective, needs, device) -> dict[str, TrainablePart]:
+    """The policy (the `trainer.optimizer` options), and a value head where the objective declares one
+    (the objective's own learning rate; the optimizer's default weight decay)."""
     parts = {"policy": TrainablePart(policy, {"lr": optimizer.lr, "weight_decay": optimizer.weight_decay})}
     if needs.value_head:
-        head = ValueHead(policy.config.hidden_size, rc.objective.value_head_width).to(device)
-        parts["value_head"] = TrainablePart(head, {"lr": rc.objective.value_head_lr})
+        head = ValueHead(policy.config.hidden_size, objective.value_head_width).to(device)
+        parts["value_head"] = TrainablePart(head, {"lr": objective.value_head_lr})
     return parts
 
 

@@ -24,20 +24,19 @@ from prefopt.engine.reference_fit import (
     store_cached,
     weights_sha256,
 )
-from prefopt.models import MODELS
 from prefopt.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-def wants_reference_fit(rc: RunConfig, truth: GroundTruth) -> bool:
+def wants_reference_fit(truth: GroundTruth, dataset, random_init: bool) -> bool:
     """Fit pi_ref only where it means something: a ground truth that knows pi_ref over its candidates,
-    and a policy that starts untrained (a checkpoint continues as it is) unless
+    and a policy that starts untrained (`random_init`: a checkpoint continues as it is) unless
     `dataset.reference_fit.enabled` says otherwise."""
     if truth.fit_target() is None:
         return False
-    cfg = rc.dataset.reference_fit  # a dataset whose ground truth has a pi_ref has the fit's options
-    enabled = MODELS[rc.model_name].random_init if cfg.enabled is None else cfg.enabled
+    cfg = dataset.reference_fit  # a dataset whose ground truth has a pi_ref has the fit's options
+    enabled = random_init if cfg.enabled is None else cfg.enabled
     return bool(enabled) and cfg.max_steps > 0
 
 
@@ -116,16 +115,17 @@ def all_sequence_logps(
     return sum_across_ranks(logps)  # each rank computed its share of the passes
 
 
-def reference_logps(rc: RunConfig, reference, table, packing: Packing, device) -> tuple[Tensor, str]:
-    """(S,) the reference's log-prob of every table sequence, from the cache when it holds them."""
-    chunk = rc.trainer.layout.logps_chunk_tokens
+def reference_logps(reference, table, packing: Packing, layout, precision: str, device) -> tuple[Tensor, str]:
+    """(S,) the reference's log-prob of every table sequence, from the cache when it holds them
+    (`trainer.layout.reference_cache`); the cache's key has the chunk size, precision and layout."""
+    chunk = layout.logps_chunk_tokens
     return cached_reference_logps(
         reference,
         table,
         lambda: all_sequence_logps(reference, table, chunk, device, packing),
         device,
-        enabled=rc.trainer.layout.reference_cache,
+        enabled=layout.reference_cache,
         chunk_tokens=chunk,
-        precision=rc.trainer.precision,
+        precision=precision,
         packing=[packing.mode, packing.pack_tokens, packing.shares_prompts(reference, device)],
     )

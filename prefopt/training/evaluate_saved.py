@@ -92,7 +92,7 @@ def evaluate_run(rc, out: Path, source: Path | None) -> dict:
     from prefopt.training.setup import autocast_for, configure_torch, speed_up
     from prefopt.training.tracking import Tracker
 
-    device = configure_torch(rc)
+    device = configure_torch(rc.trainer.device, rc.trainer.num_threads, rc.seed)
     run = prepare(rc, device)
     reference = {"source": "the checkpoint itself"}
     if source is not None:

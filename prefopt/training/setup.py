@@ -7,7 +7,6 @@ import contextlib
 
 import torch
 
-from prefopt.config import RunConfig
 from prefopt.engine.distributed import device_for, init_from_environment
 from prefopt.optimizers import OPTIMIZERS
 from prefopt.training.seeding import seed_everything
@@ -42,12 +41,14 @@ def speed_up(policy, trainer) -> None:
         policy.get_decoder().compile(dynamic=True)
 
 
-def configure_torch(rc: RunConfig):
-    device = device_for(rc.trainer.device, init_from_environment(rc.trainer.device))
+def configure_torch(device_name: str, num_threads: int, seed: int):
+    """The run's device (`trainer.device`; under torchrun the rank's), CPU threads and determinism, and
+    every RNG seeded."""
+    device = device_for(device_name, init_from_environment(device_name))
     if device.type == "cpu":
-        torch.set_num_threads(rc.trainer.num_threads)  # fixed: results depend on the thread count
+        torch.set_num_threads(num_threads)  # fixed: results depend on the thread count
         torch.use_deterministic_algorithms(True)
-    seed_everything(rc.seed)
+    seed_everything(seed)
     return device
 
 

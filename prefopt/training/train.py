@@ -59,7 +59,7 @@ def train(rc: RunConfig, run_dir: Path, group: str | None = None) -> dict:
     started = time.perf_counter()
     tracker = None
     try:
-        device = configure_torch(rc)
+        device = configure_torch(rc.trainer.device, rc.trainer.num_threads, rc.seed)
         kept = _kept_records(plan.checkpoint, saved) if saved else ([] if plan.restart else None)
         wandb_id = saved.get("wandb_id") if saved else None
         tracker = (
@@ -199,12 +199,12 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
-def _join_ranks(rc: RunConfig, run_dir: Path) -> Path:
+def _join_ranks(device_name: str, run_dir: Path) -> Path:
     """Under torchrun: join the process group; every rank writes to rank 0's run dir (Hydra's own clock
     may name another), and ranks other than 0 log to their own file. The run dir as it is otherwise."""
     from prefopt.engine.distributed import broadcast_object, init_from_environment
 
-    current = init_from_environment(rc.trainer.device)
+    current = init_from_environment(device_name)
     if not current.distributed:
         return run_dir
     run_dir = Path(broadcast_object(str(run_dir)))
@@ -239,7 +239,7 @@ def main(cfg: DictConfig) -> dict:
     _end_with_sweep_parent()
     try:
         rc = load_run_config(cfg)  # fails fast, before torch, any model or any data is loaded
-        run_dir = _join_ranks(rc, run_dir)
+        run_dir = _join_ranks(rc.trainer.device, run_dir)
         with _sole_writer(run_dir):  # before anything of ours is written to the run dir
             route_library_logs()  # libraries' notices to train.log; the terminal shows ours and errors
             with logging_redirect_tqdm():  # log lines print above the progress bars
