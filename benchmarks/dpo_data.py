@@ -162,14 +162,28 @@ def make_chat_pairs(shape: Shape, lengths: str, count: int, tokenizer, seed: int
         c, r = (draw.randint(*shape.completion_range(lengths)) for _ in range(2))
         prompt = [{"role": "user", "content": sentence(p, "?")}]
         chosen, rejected = ([{"role": "assistant", "content": sentence(n, ".")}] for n in (c, r))
-        if chosen == rejected:
-            continue
-        prompt_ids = chat_ids(tokenizer, prompt, generation_prompt=True)
-        whole = [chat_ids(tokenizer, prompt + y) for y in (chosen, rejected)]
-        cut = min(common_prefix(prompt_ids, w) for w in whole)  # TRL: where prompt and conversation diverge
-        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        pairs.append(ChatPair(row, prompt_ids[:cut], whole[0][cut:], whole[1][cut:]))
+        if chosen != rejected:
+            pairs.append(chat_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}, tokenizer))
     return pairs
+
+
+def chat_pair(row: dict, tokenizer) -> ChatPair:
+    """A conversational {prompt, chosen, rejected} row with its token ids as TRL takes them: the prompt
+    through the generation prompt, each answer from where prompt and conversation diverge."""
+    prompt_ids = chat_ids(tokenizer, row["prompt"], generation_prompt=True)
+    whole = [chat_ids(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")]
+    cut = min(common_prefix(prompt_ids, w) for w in whole)
+    return ChatPair(row, prompt_ids[:cut], whole[0][cut:], whole[1][cut:])
+
+
+def read_chat_pairs(path: Path, count: int, tokenizer) -> tuple[list[ChatPair], list[ChatPair]]:
+    """`count` train pairs and one held-out pair from a JSONL file of conversational rows (e.g. the
+    model's own answers, `benchmarks/sample_chat_pairs.py`), in file order."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) < count + 1:
+        raise SystemExit(f"{path}: {len(rows)} pairs; the runs need {count} and one held out")
+    pairs = [chat_pair(row, tokenizer) for row in rows[: count + 1]]
+    return pairs[:count], pairs[count:]
 
 
 def text(ids: list[int]) -> str:

@@ -58,18 +58,25 @@ def table(summary: dict, device: str) -> list[str]:
     return lines
 
 
+def _target_line(
+    what: str, ours: dict | None, theirs: dict | None, key: str, cpu_key: str | None, bound, at_least
+) -> list[str]:
+    """'- met: <what> (measured <ratio>x)' for ours / theirs against `bound` (at least or at most), by
+    wall-clock time with CPU time beside it; nothing when a run is missing."""
+    if not (ours and theirs):
+        return []
+    value = ours[key] / theirs[key]
+    met = value >= bound if at_least else value <= bound
+    by_cpu = f"; {ours[cpu_key] / theirs[cpu_key]:.2f}x by CPU time" if cpu_key in ours else ""
+    return [f"- {'met' if met else '**not met**'}: {what} (measured {value:.2f}x{by_cpu})"]
+
+
 def targets(summary: dict) -> list[str]:
     """The issue's targets (set for the CPU shape): met or not by wall-clock time, CPU time beside it."""
     lines = []
 
-    def check(
-        what: str, ours: dict | None, theirs: dict | None, key: str, cpu_key: str | None, bound, at_least
-    ):
-        if ours and theirs:
-            value = ours[key] / theirs[key]
-            met = value >= bound if at_least else value <= bound
-            by_cpu = f"; {ours[cpu_key] / theirs[cpu_key]:.2f}x by CPU time" if cpu_key in ours else ""
-            lines.append(f"- {'met' if met else '**not met**'}: {what} (measured {value:.2f}x{by_cpu})")
+    def check(*args):
+        lines.extend(_target_line(*args))
 
     find = lambda tool, variant, lengths: _find(summary, tool, variant, lengths)  # noqa: E731
     ours, speed = find("prefopt", PREFOPT, "variable"), ("tokens_per_s", "tokens_per_cpu_s")
@@ -115,10 +122,7 @@ def losses_agree(summary: dict, atol: float) -> bool:
 MODEL = """
 torch {torch}, transformers {transformers}, trl {trl}, prefopt {prefopt}, Python {python}. Model `{model}`
 ({model_dir}): {params_m:.1f} M parameters, vocab {shape.vocab_size}, d {shape.hidden_size},
-{shape.num_layers} layers, {shape.dtype}, its tokenizer and chat template. Chat pairs: one user message,
-two assistant turns, of common words (one token each after a space), seeded; {shape.pairs_per_step} pairs
-per step; fixed = {shape.prompt_tokens}-word questions and {shape.completion_tokens}-word answers, variable
-= {shape.prompt_min}-{prompt_max} and {shape.completion_min}-{completion_max} words (uniform). Tokens as
+{shape.num_layers} layers, {shape.dtype}, its tokenizer and chat template. {pairs_text} Tokens as
 both tools take them (the template's included): {token_ranges}. {steps} steps per run (one epoch),
 steady state after {warmup_steps} warm-up steps, median of {repeats} interleaved repeats; load average
 {load[0]:.1f} at the start, {load[1]:.1f} at the end (other processes shared the machine). DPO beta {beta},
@@ -175,6 +179,42 @@ def _token_ranges(env: dict) -> str:
     return "; ".join(ranges)
 
 
+WORD_PAIRS = """
+Chat pairs: one user message, two assistant turns, of common words (one token each after a space), seeded;
+{shape.pairs_per_step} pairs per step; fixed = {shape.prompt_tokens}-word questions and
+{shape.completion_tokens}-word answers, variable = {shape.prompt_min}-{prompt_max} and
+{shape.completion_min}-{completion_max} words (uniform).
+"""
+
+FILE_PAIRS = """
+Chat pairs (lengths `file`): the first rows of `{pairs}`, one user message and two assistant turns each,
+in file order; {shape.pairs_per_step} pairs per step.
+"""
+
+
+def model_targets(summary: dict) -> list[str]:
+    """Issue 17's targets for a real model (SmolLM2 on CPU), on the measured lengths setting."""
+    lines = []
+    lengths = next((k for k in ("file", "variable", "fixed") if _find(summary, "prefopt", PREFOPT, k)), None)
+    ours = _find(summary, "prefopt", PREFOPT, lengths)
+    default, precompute = _find(summary, "trl", DEFAULT, lengths), _find(summary, "trl", PRECOMPUTE, lengths)
+    for what, theirs, key, cpu_key, bound, at_least in (
+        ("prefopt >= 4x TRL default per step", default, "tokens_per_s", "tokens_per_cpu_s", 4, True),
+        (
+            "prefopt >= 3.3x TRL precompute per step",
+            precompute,
+            "tokens_per_s",
+            "tokens_per_cpu_s",
+            3.3,
+            True,
+        ),
+        ("prefopt end to end <= 0.35x TRL default", default, "end_to_end_s", "end_to_end_cpu_s", 0.35, False),
+        ("prefopt peak RSS <= 0.8x TRL default's", default, "peak_memory_bytes", None, 0.8, False),
+    ):
+        lines += _target_line(f"{lengths}: {what}", ours, theirs, key, cpu_key, bound, at_least)
+    return lines
+
+
 def render(env: dict, summary: dict, atol: float, device: str) -> str:
     check, _ = loss_check(summary, atol)
     model = f"{env['model']}, " if env.get("model") else ""
@@ -189,14 +229,23 @@ def render(env: dict, summary: dict, atol: float, device: str) -> str:
                 params_m=env["params"] / 1e6,
                 prompt_max=2 * env["shape"].prompt_tokens,
                 completion_max=2 * env["shape"].completion_tokens,
+                pairs_text=_prose(
+                    FILE_PAIRS if env.get("pairs") else WORD_PAIRS,
+                    **env,
+                    prompt_max=2 * env["shape"].prompt_tokens,
+                    completion_max=2 * env["shape"].completion_tokens,
+                ),
             ),
             "",
             *table(summary, device),
             "",
             _prose(DEFINITIONS, memory=MEMORY[device], mfu=_prose(MFU, **env) if device == "cuda" else ""),
             "",
-            "Targets (issue 11, set for the CPU shape):",
-            *targets(summary),
+            *(
+                ["Targets (issue 17, a real model on CPU):", *model_targets(summary)]
+                if env.get("model")
+                else ["Targets (issue 11, set for the CPU shape):", *targets(summary)]
+            ),
             "",
             "Equal results (same initial weights, pairs, batches and order; fp32 on CPU): tolerance |loss "
             f"difference| <= {atol:g} at every step.",

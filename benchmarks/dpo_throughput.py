@@ -95,10 +95,15 @@ def resolve_model(model: str, dtype: str) -> Path:
 
 
 def prepare_workspace(
-    shape: dpo_data.Shape, steps: int, seed: int, root: Path, model_dir: Path | None = None
+    shape: dpo_data.Shape,
+    steps: int,
+    seed: int,
+    root: Path,
+    model_dir: Path | None = None,
+    pairs_file: Path | None = None,
 ) -> dict:
-    """The model (saved, or `model_dir`), and per length setting the data files, TRL's rows, each step's
-    pairs, and prefopt's token limits (none cuts a pair)."""
+    """The model (saved, or `model_dir`), and per length setting (`pairs_file`: its pairs, the setting
+    "file") the data files, TRL's rows, each step's pairs, and prefopt's token limits (none cuts a pair)."""
     if model_dir is None:
         params, tokenizer = dpo_data.save_random_llama(shape, root / "model", seed), None
     else:
@@ -107,8 +112,10 @@ def prepare_workspace(
         params, tokenizer = dpo_data.count_parameters(model_dir), AutoTokenizer.from_pretrained(model_dir)
     count = steps * shape.pairs_per_step  # one epoch: every pair once
     data = {"params": params, "model": str(model_dir or root / "model")}
-    for lengths in dpo_data.LENGTHS:
-        if tokenizer is None:
+    for lengths in ("file",) if pairs_file else dpo_data.LENGTHS:
+        if pairs_file:
+            train, held_out = dpo_data.read_chat_pairs(pairs_file, count, tokenizer)
+        elif tokenizer is None:
             train = dpo_data.make_pairs(shape, lengths, count, seed)
             held_out = dpo_data.make_pairs(shape, lengths, 1, seed + 1)  # prefopt's final evaluation reads it
         else:
@@ -259,7 +266,8 @@ def environment(device: str, shape: dpo_data.Shape, args, data: dict, tree: str)
         "params": data["params"],
         "model": args.model,
         "model_dir": data["model"],
-        "lengths": {k: v for k, v in data.items() if k in dpo_data.LENGTHS},
+        "pairs": str(args.pairs) if args.pairs else None,
+        "lengths": {k: v for k, v in data.items() if k in (*dpo_data.LENGTHS, "file")},
         "pairs_per_step": shape.pairs_per_step,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
@@ -278,6 +286,12 @@ def parse_args(argv=None):
         help="a real model instead of the random Llama: a local checkpoint dir, a conf/model preset "
         "(smollm2: offline its GGUF package's converted checkpoint) or a hub id; it trains on chat pairs "
         "with the shape's batch, lengths (in words) and dtype",
+    )
+    ap.add_argument(
+        "--pairs",
+        type=Path,
+        help="with --model: a JSONL of conversational {prompt, chosen, rejected} rows (e.g. the model's own "
+        "answers from benchmarks/sample_chat_pairs.py) instead of generated word pairs; lengths 'file'",
     )
     ap.add_argument("--pairs-per-step", type=int, help="default: the shape's (8)")
     ap.add_argument(
@@ -318,6 +332,10 @@ def parse_args(argv=None):
         args.steps = args.steps or (10 if args.model else 20)
         args.repeats, args.packing = 1, "auto"
     args.steps = args.steps or 20
+    if args.pairs:
+        if not args.model:
+            ap.error("--pairs needs --model (its tokenizer and chat template)")
+        args.lengths = "file"
     if args.steps <= args.warmup_steps:
         ap.error("--steps must exceed --warmup-steps")
     return args
@@ -345,7 +363,7 @@ def main(argv=None) -> None:
     load_before, tree_before = os.getloadavg()[0], tree_state()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    data = prepare_workspace(shape, args.steps, args.seed, root, model_dir)
+    data = prepare_workspace(shape, args.steps, args.seed, root, model_dir, args.pairs)
     peak_flops = args.peak_tflops * 1e12 if device == "cuda" else None
     runs: dict[Config, list[dict]] = {c: [] for c in todo}
     for repeat in range(1, args.repeats + 1):
@@ -374,7 +392,8 @@ def main(argv=None) -> None:
     if not args.check_losses:
         args.results.mkdir(parents=True, exist_ok=True)
         model = f"-{shape.name}" if model_dir else ""
-        path = args.results / f"{env['date']}-{env['device_slug']}{model}.md"
+        pairs = f"-{args.pairs.stem}" if args.pairs else ""  # another data set: its own file
+        path = args.results / f"{env['date']}-{env['device_slug']}{model}{pairs}.md"
         path.write_text(report)
         print(f"written to {path}")
     if not dpo_report.losses_agree(summary, args.loss_atol):

@@ -1,0 +1,96 @@
+"""Chat pairs written by a real model: two sampled answers per user question, for `dpo_throughput.py --pairs`.
+
+    python benchmarks/sample_chat_pairs.py --model smollm2 --pairs 96 --out /tmp/smollm2-chat-pairs.jsonl
+
+The questions are distinct (a template x a topic, shuffled with the seed), so no two pairs share a prompt;
+each answer is the model's own, sampled through its chat template and cut at its end of turn
+(`prefopt.models.sampling`), at most `--max-new-tokens` tokens. Which answer is "chosen" does not matter
+for throughput; the first sample is. Pairs whose two answers are equal or empty are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES = [
+    "Give me three tips for {}.",
+    "Explain {} to a ten-year-old.",
+    "What are common mistakes people make with {}?",
+    "Write a short paragraph about {}.",
+    "How do I get started with {}?",
+    "What should a beginner know about {}?",
+]
+TOPICS = [
+    "baking bread", "learning the guitar", "saving money", "running a marathon", "growing tomatoes",
+    "writing a cover letter", "learning Spanish", "public speaking", "caring for a cat",
+    "camping in the rain", "making coffee", "painting with watercolours", "studying for exams",
+    "cycling to work", "cleaning a kitchen", "planning a trip to Japan", "keeping a journal",
+    "learning to swim", "building a bookshelf", "meditation", "taking better photos", "cooking rice",
+    "training a puppy", "reading more books", "playing chess",
+]  # fmt: skip
+
+
+@dataclass
+class Sampling:
+    """What `prefopt.models.sampling.sample` reads."""
+
+    num_samples: int = 2
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+
+
+def questions(count: int, seed: int) -> list[str]:
+    every = [t.format(topic) for t, topic in itertools.product(TEMPLATES, TOPICS)]
+    if count > len(every):
+        raise SystemExit(f"--pairs {count}: at most {len(every)} distinct questions")
+    random.Random(seed).shuffle(every)
+    return every[:count]
+
+
+def main(argv=None) -> None:
+    import torch
+    from dpo_throughput import resolve_model  # benchmarks/ is on sys.path: this file runs as a script
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefopt.models.sampling import sample
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="a local checkpoint dir or a conf/model preset")
+    ap.add_argument("--pairs", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model, "float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    asked = questions(min(args.pairs * 2, len(TEMPLATES) * len(TOPICS)), args.seed)  # spares for skips
+    prompts = [[{"role": "user", "content": q}] for q in asked]
+    ids = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"]
+        for p in prompts
+    ]
+    answers, _ = sample(model, tokenizer, ids, Sampling(max_new_tokens=args.max_new_tokens), "cpu", args.seed)
+    rows = []
+    for prompt, (first, second) in zip(prompts, answers):
+        if first.strip() and second.strip() and first != second and len(rows) < args.pairs:
+            turn = lambda text: [{"role": "assistant", "content": text.strip()}]  # noqa: E731
+            rows.append({"prompt": prompt, "chosen": turn(first), "rejected": turn(second)})
+    if len(rows) < args.pairs:
+        raise SystemExit(f"only {len(rows)} usable pairs; lower --pairs or raise --max-new-tokens")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{len(rows)} pairs written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
