@@ -21,7 +21,7 @@ from prefopt.config import ConfigError, RunConfig, load_run_config, register_res
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-APP_GROUPS = {"model", "dataset", "objective", "aux_reward", "trainer", "eval", "logger", "experiment"}
+APP_GROUPS = {"model", "dataset", "objective", "kl", "aux_reward", "trainer", "eval", "logger", "experiment"}
 
 # Options with a required `???` value, and the override each gets here (a hub name: nothing is loaded,
 # and a local path would have to exist).
@@ -167,6 +167,7 @@ def test_llama_names_a_hub_model_and_only_composes():
 def test_group_options_match_their_registries():
     """One yaml per registered objective / dataset / aux reward, and no yaml without a registry entry."""
     from prefopt.data import DATASETS
+    from prefopt.engine.kl_estimators import KL_ESTIMATORS
     from prefopt.objectives import OBJECTIVES
     from prefopt.rewards import AUX_REWARDS
 
@@ -174,6 +175,7 @@ def test_group_options_match_their_registries():
         return {p.stem for p in (CONF / group).glob("*.yaml")}
 
     assert stems("objective") == set(OBJECTIVES)
+    assert stems("kl") == set(KL_ESTIMATORS)
     assert stems("aux_reward") - {"none"} == set(AUX_REWARDS)
     assert {OmegaConf.load(p)["name"] for p in (CONF / "dataset").glob("*.yaml")} == set(DATASETS)
 
@@ -262,7 +264,8 @@ def test_strength_leaves_simpo_on_its_own_scale_and_an_explicit_value_wins():
         (["trainer.optimizer.lr=0"], ["trainer.optimizer.lr"]),
         (["dataset=preference"], ["dataset.path"]),
         (["aux_reward=length", "aux_reward.length.sign=abc"], ["aux_reward.length.sign"]),
-        (["objective=expo", "objective.kl_estimator=bogus"], ["objective", "kl_estimator"]),
+        (["objective=expo", "kl.name=bogus"], ["kl.name", "bogus"]),
+        (["objective=expo", "kl=samples", "kl.samples_per_prompt=0"], ["kl.samples_per_prompt"]),
         (["+bogus_top=1"], ["bogus_top"]),
         (["seed=abc"], ["seed"]),
         (["eval.eval_every_steps=0"], ["eval.eval_every_steps"]),
@@ -317,6 +320,7 @@ def test_hpo_defaults_to_readability_and_an_explicit_choice_replaces_it():
 
 CLI_CASES = {
     "unknown_objective": ["objective=nonexistent"],
+    "unknown_kl": ["objective=expo", "kl=bogus"],
     "bad_lr": ["trainer.optimizer.lr=abc"],
     "help": ["--help"],
 }
@@ -354,7 +358,8 @@ def finished(runs: dict[str, dict], name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("case", "named"), [("unknown_objective", "nonexistent"), ("bad_lr", "trainer.optimizer.lr")]
+    ("case", "named"),
+    [("unknown_objective", "nonexistent"), ("unknown_kl", "kl=bogus"), ("bad_lr", "trainer.optimizer.lr")],
 )
 def test_cli_bad_config_exits_nonzero_names_the_key_and_builds_nothing(cli_runs, case: str, named: str):
     """No model, data or metrics file is touched: the error comes from validation alone."""
@@ -364,6 +369,14 @@ def test_cli_bad_config_exits_nonzero_names_the_key_and_builds_nothing(cli_runs,
     assert "Traceback" not in run["output"]
     built = list(itertools.chain(run["run_dir"].rglob("checkpoint"), run["run_dir"].rglob("metrics.jsonl")))
     assert built == []
+
+
+def test_an_unknown_kl_estimator_is_one_line_naming_the_kl_group(cli_runs):
+    """`kl=bogus` is refused while the config composes, before any model loads, in one line."""
+    run = finished(cli_runs, "unknown_kl")
+    lines = [line for line in run["output"].splitlines() if line.strip()]
+    assert run["rc"] != 0 and len(lines) == 1
+    assert "kl=bogus" in lines[0] and "token" in lines[0]
 
 
 def test_cli_help_lists_every_objective_and_group(cli_runs):

@@ -1,7 +1,8 @@
 """The keys of the flat `trainer` group before its split (trainer.lr, trainer.save_checkpoint,
-trainer.value_head_lr, trainer.reference_fit, ...) keep working for one release: on the command line (with a
-notice naming old and new key), in a run dir or checkpoint written before the split (`prefopt evaluate`,
-`trainer.checkpoint.resume`), and in `trainer.checkpoint.resume_allow_changes`.
+trainer.value_head_lr, trainer.reference_fit, ...) and EXPO's KL estimator keys before the `kl` group
+(objective.kl_estimator, objective.kl_samples_per_prompt) keep working for one release: on the command line
+(with a notice naming old and new key), in a run dir or checkpoint written before the split (`prefopt
+evaluate`, `trainer.checkpoint.resume`), and in `trainer.checkpoint.resume_allow_changes`.
 
 An old run is made here the way the last release wrote it: a run's config.yaml and its checkpoint's
 trainer_state.json rewritten to the old layout, whose keys and defaults are spelled out below, not derived
@@ -74,12 +75,19 @@ OLD_TRAINER = {
         "cache": True,
     },
 }
+# conf/objective/expo.yaml's (and expo_reg's) KL keys of the release before the `kl` group.
+OLD_EXPO_KL = {"kl_estimator": "exact", "kl_samples_per_prompt": 4}
 
 
 def old_layout(raw: dict) -> dict:
     """A resolved config of this release as the last one wrote it: one flat trainer node (its values from
-    `raw`), the reference fit under it, no value head options on the objective."""
+    `raw`), the reference fit under it, no value head options on the objective, no `kl` node (EXPO's
+    estimator and its samples per prompt on the objective)."""
     raw = copy.deepcopy(raw)
+    kl = raw.pop("kl")
+    if raw["objective"]["name"] in ("expo", "expo_reg"):
+        raw["objective"]["kl_estimator"] = kl["name"]
+        raw["objective"]["kl_samples_per_prompt"] = kl.get("samples_per_prompt", 4)
     trainer = raw["trainer"]
     flat = {k: v for k, v in trainer.items() if k not in ("optimizer", "layout", "checkpoint", "distributed")}
     optimizer, layout, checkpoint = trainer["optimizer"], trainer["layout"], trainer["checkpoint"]
@@ -119,6 +127,8 @@ def test_the_old_layout_spelled_out_here_is_the_last_releases_default():
         ["objective=hpo"],  # the value head options move to the objective
         ["dataset=preference", "dataset.path=org/pairs"],  # no reference fit to move: dropped
         ["+experiment=hpo_hh"],  # rmsprop: the optimizer's name becomes trainer.optimizer.name
+        ["objective=expo", "kl=samples", "kl.samples_per_prompt=3"],  # the estimator becomes the kl node
+        ["+experiment=expo_hh"],  # kl=token
     ],
 )
 def test_an_old_config_is_read_as_the_same_config_in_the_new_layout(overrides):
@@ -135,12 +145,13 @@ def test_a_config_in_the_new_layout_is_left_as_it_is():
     assert upgrade_config(again) == [] and again == new
 
 
-def test_every_old_key_was_a_trainer_key_and_its_new_key_is_in_the_composed_config():
-    raw = resolved("objective=hpo")
+def test_every_old_key_was_a_trainer_or_expo_key_and_its_new_key_is_in_the_composed_config():
+    raws = {"trainer": resolved("objective=hpo"), "objective": resolved("objective=expo", "kl=samples")}
     for old, new in ALIASES.items():
-        assert old.split(".", 1)[1] in OLD_TRAINER, old
+        group, name = old.split(".", 1)
+        assert name in {"trainer": OLD_TRAINER, "objective": OLD_EXPO_KL}[group], old
         *path, last = new.split(".")
-        node = raw
+        node = raws[group]
         for part in path:
             node = node[part]
         assert last in node, new
@@ -194,6 +205,61 @@ def test_old_overrides_are_rewritten_keeping_their_prefix_and_value(capsys):
         strict=True,
     ):
         assert old in notice and new in notice
+
+
+def test_the_kl_estimator_keys_become_the_kl_group_and_its_option_in_any_order(capsys):
+    assert rewrite_overrides(["objective=expo", "objective.kl_estimator=token"]) == [
+        "objective=expo",
+        "kl=token",
+    ]
+    assert new_key("objective.kl_estimator") == "kl"
+    assert new_key("objective.kl_samples_per_prompt") == "kl.samples_per_prompt"
+    # samples_per_prompt is kl=samples's alone: picked for it where the command line picks no estimator
+    assert rewrite_overrides(["objective.kl_samples_per_prompt=3"]) == [
+        "kl=samples",
+        "kl.samples_per_prompt=3",
+    ]
+    for args in (
+        ["objective.kl_samples_per_prompt=3", "objective=expo", "objective.kl_estimator=samples"],
+        ["objective=expo", "kl=samples", "objective.kl_samples_per_prompt=3"],
+    ):
+        rewritten = rewrite_overrides(args)
+        assert sorted(rewritten) == ["kl.samples_per_prompt=3", "kl=samples", "objective=expo"]
+        assert load_run_config(compose_config(*rewritten)).kl.samples_per_prompt == 3
+    # under another estimator the old loop ignored it: dropped
+    assert rewrite_overrides(["kl=token", "objective.kl_samples_per_prompt=3"]) == ["kl=token"]
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == 6 and all(line.startswith("prefopt: objective.kl_") for line in notices)
+
+
+def test_an_old_expo_config_gets_its_kl_node_and_any_old_config_the_default():
+    new = resolved("objective=expo", "kl=token")
+    old = old_layout(new)
+    assert "kl" not in old and old["objective"]["kl_estimator"] == "token"
+    assert {"objective.kl_estimator", "objective.kl_samples_per_prompt"} <= set(upgrade_config(old))
+    assert old == new and old["kl"] == {"name": "token"}
+    dpo = old_layout(resolved())
+    assert "kl" not in dpo and "objective.kl_estimator" not in upgrade_config(dpo)
+    assert dpo["kl"] == {"name": "exact"} and dpo == resolved()
+
+
+def test_prefopt_train_with_the_old_kl_estimator_key_runs_with_that_estimator(tmp_path):
+    """The real CLI: `objective.kl_estimator=token` is `kl=token`, with one notice naming both keys."""
+    args = [*FAST, *FAST_MODEL, "objective=expo", "objective.kl_estimator=token", "trainer.max_steps=2"]
+    env = {**os.environ, "CI": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "prefopt.cli", "train", *args, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["kl"] == {"name": "token"} and "kl_estimator" not in config["objective"]
+    notices = [line for line in result.stderr.splitlines() if "objective.kl_estimator" in line]
+    assert len(notices) == 1 and "kl" in notices[0].split("objective.kl_estimator", 1)[1]
 
 
 def test_prefopt_train_with_old_keys_runs_and_names_each_rewrite(tmp_path):

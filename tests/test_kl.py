@@ -87,3 +87,25 @@ def test_sampled_kl_is_the_group_mean_of_the_log_ratio():
 def test_exact_kl_of_an_empty_group_is_zero():
     kl = exact_kl(f64(-1.0, -2.0), f64(-1.5, -0.5), torch.tensor([1, 1]), 3)
     assert kl[0].item() == 0.0 and kl[2].item() == 0.0 and kl[1].item() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [(["objective=expo", "kl=token"], "token"), (["kl=token"], None)]
+)
+def test_the_kl_group_picks_the_estimator_an_objective_with_a_kl_term_reads(overrides, expected):
+    """`kl=token` gives EXPO the token estimator (and keeps the frozen reference it reads); an objective
+    without a KL term (dpo) gets none, whatever the group says."""
+    from conftest import FAST, FAST_MODEL, compose_config
+
+    from prefopt.config import load_run_config
+    from prefopt.engine.kl_estimators import KL_ESTIMATORS, NO_KL, TokenKL
+    from prefopt.engine.prepare import prepare
+
+    rc = load_run_config(compose_config(*FAST, *FAST_MODEL, *overrides))
+    assert rc.kl_name == "token"
+    inputs = prepare(rc, torch.device("cpu")).inputs
+    if expected is None:
+        assert inputs.kl_estimator is NO_KL and inputs.reference_model is None
+    else:
+        assert isinstance(inputs.kl_estimator, TokenKL) and inputs.kl_estimator is KL_ESTIMATORS[expected]
+        assert inputs.reference_model is not None

@@ -389,8 +389,8 @@ def test_lora_runs_the_kl_estimators_that_call_the_live_reference(local_llama, t
         f"model.name_or_path={local_llama}",
         "model.lora.r=4",
         "objective=expo",
-        f"objective.kl_estimator={estimator}",
-        "objective.kl_samples_per_prompt=2",
+        f"kl={estimator}",
+        *(["kl.samples_per_prompt=2"] if estimator == "samples" else []),
         "trainer.max_steps=2",
         tiny_model=False,
     )

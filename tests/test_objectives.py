@@ -119,10 +119,13 @@ def test_loop_only_fields_are_not_passed_to_the_loss():
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ValueError, match="kl_estimator"):
-        expo.EXPOConfig(kl_estimator="bogus")
-    with pytest.raises(ValueError, match="kl_estimator"):
-        expo_reg.EXPORegConfig(kl_estimator="tokens")
+    from conftest import compose_config
+
+    from prefopt.config import ConfigError, load_run_config
+
+    for objective, estimator in (("expo", "bogus"), ("expo_reg", "tokens")):  # the estimator: the kl group's
+        with pytest.raises(ConfigError, match=r"kl\.name"):
+            load_run_config(compose_config(f"objective={objective}", f"kl.name={estimator}"))
     with pytest.raises(ValueError, match="base"):
         hpo.HPOConfig(base="ipo")
     with pytest.raises(ValueError, match="margin_alpha"):

@@ -443,7 +443,7 @@ def test_a_bad_packing_value_fails_naming_its_key(override):
     "objective",
     [
         ["objective=dpo"],
-        ["objective=expo", "objective.kl_estimator=token"],
+        ["objective=expo", "kl=token"],
         ["objective=hpo", "aux_reward=keyword"],
     ],
     ids=["dpo", "expo_token_kl", "hpo_value_head"],

@@ -208,7 +208,7 @@ def test_a_lora_reference_is_keyed_by_its_base_not_its_disabled_adapters():
     [
         ([], False),
         (["eval.generate=true", "eval.generation.num_prompts=2", "eval.generation.num_samples=1"], True),
-        (["objective=expo", "objective.kl_estimator=token"], True),
+        (["objective=expo", "kl=token"], True),
     ],
 )
 def test_the_reference_model_is_freed_unless_token_kl_or_generation_reads_it(overrides, kept, monkeypatch):

@@ -5,7 +5,7 @@ errors name the key.
 The rule for conf/: a group's base option lists every field of its dataclass with the dataclass's default
 (`???` where the field is required; `${strength:D}` where a sweep's `strength` may set it, D the default),
 and any other option sets only fields the dataclass has. The base option of a named group (model, dataset,
-objective, aux_reward) is the file named like its registry entry; of trainer, eval and logger, the option
+objective, kl, aux_reward) is the file named like its registry entry; of trainer, eval and logger, the option
 conf/train.yaml selects.
 """
 
@@ -32,7 +32,9 @@ from prefopt.config import (
     OptimizerConfig,
     TrainerConfig,
 )
+from prefopt.config.kl import KL_CONFIGS
 from prefopt.data import DATASETS
+from prefopt.engine.kl_estimators import KL_ESTIMATORS
 from prefopt.errors import ConfigError, ConfigFieldError
 from prefopt.models import MODELS
 from prefopt.objectives import OBJECTIVES
@@ -41,7 +43,13 @@ from prefopt.schema import Check, at_least, between, build, each, greater_than, 
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-REGISTRIES = {"model": MODELS, "dataset": DATASETS, "objective": OBJECTIVES, "aux_reward": AUX_REWARDS}
+REGISTRIES = {
+    "model": MODELS,
+    "dataset": DATASETS,
+    "objective": OBJECTIVES,
+    "kl": KL_ESTIMATORS,
+    "aux_reward": AUX_REWARDS,
+}
 UNNAMED = {"trainer": TrainerConfig, "eval": EvalConfig, "logger": LoggerConfig}
 # Where a base file may differ from its schema, and why.
 BASE_EXCEPTIONS = {
@@ -119,6 +127,12 @@ def test_every_registry_entry_has_a_base_option_file():
     for group, registry in REGISTRIES.items():
         bases = {o for o in options(group) if is_base(group, o)}
         assert set(registry) - {"none"} <= bases | {"none"}, group
+
+
+def test_the_kl_schemas_are_the_estimators_own():
+    """`prefopt.config.kl` (what the config layer validates) and the engine's estimators name the same
+    estimators, each with its own schema."""
+    assert {name: estimator.config for name, estimator in KL_ESTIMATORS.items()} == KL_CONFIGS
 
 
 # ---- allowed values come from the registries --------------------------------------------------------------

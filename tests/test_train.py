@@ -272,9 +272,7 @@ def test_expo_kl_estimators_all_run_and_start_near_zero(tmp_path, estimator):
     """At step 0 the policy is the reference. The token and sample estimates are then exactly 0; the exact
     one compares pi_ref renormalised over the candidates with the unnormalised policy, so it starts at
     -log(candidate mass) = -log(1 - outside_mass) per prompt, small after a good reference fit."""
-    summary = run_training(
-        tmp_path, "objective=expo", f"objective.kl_estimator={estimator}", "trainer.max_steps=3"
-    )
+    summary = run_training(tmp_path, "objective=expo", f"kl={estimator}", "trainer.max_steps=3")
     start = summary["reference_eval"]
     if estimator == "exact":
         # eval/kl is a mean over the held-out pairs of their prompt's -log(1 - outside mass) (eval.json has

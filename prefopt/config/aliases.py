@@ -1,6 +1,7 @@
 """The keys that moved when the flat `trainer` group was split into its optimizer, layout, checkpoint and
 distributed nodes, and its part-specific knobs went to their parts (HPO's value head to the objective, the
-synthetic task's reference fit to the dataset). Each old key stays an alias for one release, applied
+synthetic task's reference fit to the dataset, EXPO's KL estimator to its own group `kl`). Each old key
+stays an alias for one release, applied
 
 - to command-line overrides before Hydra composes (`prefopt train`, `prefopt evaluate`), with one notice
   line on stderr per rewritten key: `rewrite_overrides`;
@@ -11,6 +12,12 @@ synthetic task's reference fit to the dataset). Each old key stays an alias for 
 A key that exists in the new layout is never rewritten: `trainer.optimizer` is the old name of the
 optimizer (`trainer.optimizer=rmsprop` becomes `trainer.optimizer.name=rmsprop`) only where its value is
 not a node of options.
+
+The KL estimator's keys: `objective.kl_estimator=X` becomes the group choice `kl=X`. The samples option,
+`objective.kl_samples_per_prompt=N`, exists only under `kl=samples`, so where the command line picks no
+estimator it becomes `kl=samples kl.samples_per_prompt=N`; where it picks samples (in either spelling, in
+any order) `kl.samples_per_prompt=N`; where it picks only other estimators it is dropped with a notice,
+as the old loop ignored it. An old run's config gets a `kl` node (`{name: exact}` where it had none).
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ ALIASES: dict[str, str] = {
     "trainer.value_head_lr": "objective.value_head_lr",
     "trainer.value_head_width": "objective.value_head_width",
     "trainer.reference_fit": "dataset.reference_fit",  # and every key under it
+    "objective.kl_estimator": "kl",  # a group choice: objective.kl_estimator=token is kl=token
+    "objective.kl_samples_per_prompt": "kl.samples_per_prompt",  # with kl=samples (`rewrite_overrides`)
 }
+KL_SAMPLES = "objective.kl_samples_per_prompt"
 NODE_ALIASES = ("trainer.reference_fit",)  # a node that moved whole: its keys move with it
 
 
@@ -68,6 +78,7 @@ def rewrite_overrides(args: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser, out = OverridesParser.create(), []
+    kl_choice = _kl_choice(args, parser)
     for arg in args:
         key = new = None
         if ("=" in arg or arg.startswith("~")) and not arg.startswith("-"):
@@ -85,27 +96,52 @@ def rewrite_overrides(args: list[str]) -> list[str]:
         if new == key:
             out.append(arg)
             continue
+        shown = new
+        if key == KL_SAMPLES and not override.is_delete():  # an option of kl=samples alone
+            if kl_choice is not None and "samples" not in kl_choice:
+                print(f"prefopt: {key} ignored: kl={','.join(kl_choice)} takes no samples", file=sys.stderr)
+                continue
+            if kl_choice is None:
+                out.append("kl=samples")  # Hydra applies a group choice before any value, in any order
+                shown = f"kl=samples {new}"
         start = arg.index(key)  # after the +, ++ or ~
         out.append(arg[:start] + new + arg[start + len(key) :])
-        print(f"prefopt: {key} is now {new} (the old key works for one more release)", file=sys.stderr)
+        print(f"prefopt: {key} is now {shown} (the old key works for one more release)", file=sys.stderr)
     return out
 
 
+def _kl_choice(args: list[str], parser) -> list[str] | None:
+    """The KL estimators the command line picks (`kl=X`, its old spelling `objective.kl_estimator=X`, a
+    sweep's every value), or None where it picks none."""
+    for arg in args:
+        if not ("=" in arg and not arg.startswith(("-", "~"))):
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - left for Hydra to report
+            continue
+        if override.key_or_group in ("kl", "objective.kl_estimator"):
+            if override.is_sweep_override():
+                return list(override.sweep_string_iterator())
+            return [override.get_value_element_as_str()]
+    return None
+
+
 def upgrade_config(raw: dict) -> list[str]:
-    """Move the old flat trainer keys of a resolved config (a plain dict, changed in place) to their new
-    places and rename the keys its resume_allow_changes lists; returns the old keys it moved. A part-specific
-    key whose part the run does not have (HPO's value head under another objective, the reference fit on a
-    dataset without a pi_ref) is dropped, as the old loop ignored it."""
+    """Move the old flat trainer keys and EXPO's KL keys of a resolved config (a plain dict, changed in
+    place) to their new places and rename the keys its resume_allow_changes lists; returns the old keys it
+    moved. A part-specific key whose part the run does not have (HPO's value head under another objective,
+    the reference fit on a dataset without a pi_ref) is dropped, as the old loop ignored it."""
+    moved = _upgrade_kl(raw)
     trainer = raw.get("trainer")
     if not isinstance(trainer, dict):
-        return []
-    moved = []
+        return moved
     if isinstance(trainer.get("optimizer"), str):
         trainer["optimizer"] = {"name": trainer["optimizer"]}
         moved.append("trainer.optimizer")
     for old, new in ALIASES.items():
-        name = old.split(".", 1)[1]
-        if name not in trainer or old == "trainer.optimizer":
+        group, name = old.split(".", 1)
+        if group != "trainer" or name not in trainer or old == "trainer.optimizer":
             continue
         value = trainer.pop(name)
         moved.append(old)
@@ -122,6 +158,21 @@ def upgrade_config(raw: dict) -> list[str]:
             new_key(k) if isinstance(k, str) else k for k in allowed
         ]
     return moved
+
+
+def _upgrade_kl(raw: dict) -> list[str]:
+    """An objective's kl_estimator and kl_samples_per_prompt (before the `kl` group) become the `kl` node;
+    a config from before the group without them gets the default, kl=exact, which only a KL term reads."""
+    objective = raw.get("objective")
+    if "kl" in raw or not isinstance(objective, dict):
+        return []
+    old = [f"objective.{k}" for k in ("kl_estimator", "kl_samples_per_prompt") if k in objective]
+    name = objective.pop("kl_estimator", "exact")
+    samples_per_prompt = objective.pop("kl_samples_per_prompt", 4)  # the old default
+    raw["kl"] = (
+        {"name": name, "samples_per_prompt": samples_per_prompt} if name == "samples" else {"name": name}
+    )
+    return old
 
 
 def _has_field(node: Any, group: str, field: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefopt.config.kl import KL_CONFIGS
 from prefopt.config.schemas import EvalConfig, LLMJudgeConfig, LoggerConfig, TrainerConfig
 from prefopt.errors import ConfigError
 from prefopt.schema import did_you_mean, validate
@@ -48,6 +49,8 @@ class RunConfig:
     dataset: Any
     objective_name: str
     objective: Any
+    kl_name: str  # the KL_ESTIMATORS entry the `kl` group names; read only when the objective needs a KL
+    kl: Any  # that estimator's validated options (e.g. samples_per_prompt)
     aux_reward: dict[str, dict]  # name -> its options as written (resolved), for logs and resume checks
     trainer: TrainerConfig
     eval: EvalConfig
@@ -56,7 +59,7 @@ class RunConfig:
     aux_reward_configs: dict[str, Any] = field(default_factory=dict)  # name -> its validated RewardConfig
 
 
-KNOWN_TOP_LEVEL = {"seed", "strength", "model", "dataset", "objective", "aux_reward", "trainer", "eval"}
+KNOWN_TOP_LEVEL = {"seed", "strength", "model", "dataset", "objective", "kl", "aux_reward", "trainer", "eval"}
 KNOWN_TOP_LEVEL |= {"logger", "report", "experiment", "hydra", "paths"}
 
 
@@ -73,6 +76,7 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
     _check_reference_fit(raw["dataset"], DATASETS)
     dataset_name, dataset = _named(raw["dataset"], "dataset", DATASETS)
     objective_name, objective = _named(raw["objective"], "objective", OBJECTIVES)
+    kl_name, kl = _named(raw.get("kl", {"name": "exact"}), "kl", KL_CONFIGS, schema_of=lambda schema: schema)
     aux_reward = raw.get("aux_reward") or {}
     aux_reward_configs = validate_aux_rewards(aux_reward)
     if objective.requirements().aux_reward and not aux_reward:
@@ -93,6 +97,8 @@ def load_run_config(cfg: DictConfig) -> RunConfig:
         dataset=dataset,
         objective_name=objective_name,
         objective=objective,
+        kl_name=kl_name,
+        kl=kl,
         aux_reward=aux_reward,
         trainer=trainer,
         eval=evaluation,
@@ -135,11 +141,11 @@ def _resolved(cfg: DictConfig) -> dict:
     return raw
 
 
-def _named(node: Any, where: str, registry: dict[str, Any]) -> tuple[str, Any]:
+def _named(node: Any, where: str, registry: dict[str, Any], schema_of=lambda entry: entry.config) -> tuple:
     """Validate a `{name: ..., **options}` group node against the schema (`.config`) its name selects."""
     options = dict(node)
     name = options.pop("name", None)
     if name not in registry:
         hint = did_you_mean(name, registry)
         raise ConfigError(f"{where}.name: unknown {where} {name!r}{hint} (one of {sorted(registry)})")
-    return name, validate(registry[name].config, options, where)
+    return name, validate(schema_of(registry[name]), options, where)

@@ -1,8 +1,9 @@
 """KL estimators as parts: each owns what it needs prepared once per run and its per-pair estimate.
 
-`objective.kl_estimator` names one of `KL_ESTIMATORS`; `prepare` asks it for its side sequences and
-whether it reads the frozen reference at every step, and `pair_loss` asks it for the estimate. Neither
-tests which one it is.
+The `kl` config group (conf/kl/<name>.yaml, `kl=token`) names one of `KL_ESTIMATORS` and holds its options
+(its `config` schema, from `prefopt.config.kl`); only an objective whose requirements say `kl` reads it.
+`prepare` asks the estimator for its side sequences and whether it reads the frozen reference at every
+step, and `pair_loss` asks it for the estimate. Neither tests which one it is.
 
 - exact:   the side rows of a prompt are every response the reference can produce (a dataset's ground
            truth enumerates them), so KL(pi_ref || pi_theta) is computed exactly (`kl.exact_kl`).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from prefopt.config.kl import ExactKLConfig, SampledKLConfig, TokenKLConfig
 from prefopt.engine.kl import exact_kl, sampled_kl
 from prefopt.models.logps import hidden_states, token_kl
 from prefopt.models.packing_support import supports_packing
@@ -33,7 +35,7 @@ class KLSetup:
     prompts: list  # the ground truth's prompts, candidates[i] being prompt i's
     candidates: Tensor | None  # (P, K) table sequence ids; None: the dataset enumerates no responses
     reference: object  # the frozen pi_ref
-    objective: object  # the objective's config (a KL term's settings, e.g. kl_samples_per_prompt)
+    kl: object  # the estimator's own config (conf/kl/<name>.yaml, e.g. samples_per_prompt)
     seed: int
     device: object
 
@@ -56,14 +58,13 @@ class StepView:
 class ExactKL:
     """Exact KL over each prompt's enumerated responses (a dataset with a ground truth)."""
 
+    config = ExactKLConfig
     reads_reference_model = False
 
     def check(self, enumerates_responses: bool) -> None:
         """Before the model loads: the dataset must enumerate every prompt's responses."""
         if not enumerates_responses:
-            raise ValueError(
-                "objective.kl_estimator=exact needs an enumerable response set (dataset=synthetic)"
-            )
+            raise ValueError("kl=exact needs an enumerable response set (dataset=synthetic)")
 
     def side_sequences(self, setup: KLSetup) -> dict[int, list[int]]:
         return {int(setup.table.prompt(p)): row.tolist() for p, row in zip(setup.prompts, setup.candidates)}
@@ -73,8 +74,9 @@ class ExactKL:
 
 
 class SampledKL:
-    """Monte Carlo KL from `objective.kl_samples_per_prompt` reference samples per prompt, drawn once."""
+    """Monte Carlo KL from `kl.samples_per_prompt` reference samples per prompt, drawn once."""
 
+    config = SampledKLConfig
     reads_reference_model = False
 
     def check(self, enumerates_responses: bool) -> None:
@@ -82,7 +84,7 @@ class SampledKL:
 
     def side_sequences(self, setup: KLSetup) -> dict[int, list[int]]:
         return reference_samples(
-            setup.reference, setup.table, setup.objective.kl_samples_per_prompt, setup.seed, setup.device
+            setup.reference, setup.table, setup.kl.samples_per_prompt, setup.seed, setup.device
         )
 
     def estimate(self, view: StepView) -> Tensor:
@@ -92,6 +94,7 @@ class SampledKL:
 class TokenKL:
     """Full-vocabulary KL at every position of the pair's own responses, averaged over its two rows."""
 
+    config = TokenKLConfig
     reads_reference_model = True
 
     def check(self, enumerates_responses: bool) -> None:

@@ -63,7 +63,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
     reads, and the trainable parts; each part is asked for what it declares."""
     text, aux_reward = _load_data(rc.dataset_name, rc.dataset, rc.aux_reward_configs, rc.seed)
     truth, needs = text.ground_truth, rc.objective.requirements()
-    estimator = KL_ESTIMATORS[rc.objective.kl_estimator] if needs.kl else NO_KL
+    estimator = KL_ESTIMATORS[rc.kl_name] if needs.kl else NO_KL
     estimator.check(enumerates_responses=truth.enumerates_responses)
     torch.manual_seed(rc.seed)
     policy, tokenizer = MODELS[rc.model_name].build(rc.model, data_vocabulary(text))
@@ -80,7 +80,7 @@ def prepare(rc: RunConfig, device) -> PreparedRun:
         fit_report = fit_to_task(rc, policy, table, candidates, truth, device)
     separate = rc.model.separate_reference()  # None: pi_ref is the starting policy
     reference = frozen_reference(separate, policy, device)
-    setup = KLSetup(table, truth.prompts, candidates, reference, rc.objective, rc.seed, device)
+    setup = KLSetup(table, truth.prompts, candidates, reference, rc.kl, rc.seed, device)
     kl_side = estimator.side_sequences(setup)
     layout = rc.trainer.layout
     packing = _packing(layout)

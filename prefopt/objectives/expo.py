@@ -11,9 +11,9 @@ The first term is the Bradley-Terry likelihood with the policy's own log-probs a
 (-log sigma(d) for hard labels); its population minimizer is the data's pi*. The second pulls towards
 pi_ref. Where pi_ref = pi* both agree, so EXPO keeps pi* for every lam (DPO/IPO sharpen it instead).
 
-The KL (Extras.kl, (B,)) comes from the loop's configured estimator (`prefopt.engine.kl`: exact | samples, or
-token-level from logits). It is a sum over the vocabulary / response space and a mean over examples (the
-loop averages the per-example losses). We deliberately do NOT reproduce the official code's
+The KL (Extras.kl, (B,)) comes from the estimator the `kl` group picks (`prefopt.engine.kl_estimators`:
+kl=exact | samples, or kl=token from logits). It is a sum over the vocabulary / response space and a mean
+over examples (the loop averages the per-example losses). We deliberately do NOT reproduce the official code's
 `F.kl_div(..., reduction='mean')`, which silently divides lam by |Y|. lam is EXPO's own strength, not on
 DPO's beta scale. Implied rewards: lp(y).
 
@@ -25,7 +25,7 @@ length (a longer answer has a lower lp). With the option on, both terms are per 
 
 The KL is divided too: it is a sum over response positions, so with a per-token bt next to it the pull
 towards pi_ref would grow with |y| and lam would mean something else on every length. Dividing both terms
-keeps lam's per-token balance of the paper's form, independent of length (for kl_estimator=token, KL / n
+keeps lam's per-token balance of the paper's form, independent of length (for kl=token, KL / n
 is exactly the mean per-position KL over the pair's responses; for exact / samples it is the same per-token
 scale). This gives up the paper's guarantee: the minimizer of bt(d) is no longer pi* when lengths differ.
 Implied rewards then: lp(y) / |y|.
@@ -34,7 +34,7 @@ Implied rewards then: lp(y) / |y|.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,21 +52,16 @@ from prefopt.objectives.base import (
     require_kl,
 )
 
-KL_ESTIMATOR_CHOICES = ("exact", "token", "samples")
-
 
 @dataclass
 class EXPOConfig(ObjectiveConfig):
-    """lam (> 0) and how the loop estimates the KL; needs Extras.kl, no reference log-probs."""
+    """lam (> 0); needs Extras.kl (estimated as the `kl` group says: kl=exact | samples | token), no
+    reference log-probs."""
 
     requires = Requirements(reference=False, kl=True)
 
     lam: float = 0.1
     """Weight of KL(pi_ref || pi_theta); larger stays closer to the reference (not on DPO's beta scale)."""
-    kl_estimator: str = field(default="exact", metadata={"loop_only": True})
-    """How the loop estimates the KL: exact (enumerable responses) | token (full-vocab logits) | samples."""
-    kl_samples_per_prompt: int = field(default=4, metadata={"loop_only": True})
-    """Reference samples per prompt for kl_estimator=samples (drawn once and cached)."""
     length_normalize: bool = False
     """Per-token log-probs lp(y)/|y| in the preference term and KL/mean(|y_w|, |y_l|); false: the paper's."""
 
@@ -75,10 +70,6 @@ class EXPOConfig(ObjectiveConfig):
             raise ConfigFieldError(
                 "length_normalize", f"must be true or false, got {self.length_normalize!r}"
             )
-        if self.kl_estimator not in KL_ESTIMATOR_CHOICES:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_CHOICES}, got {self.kl_estimator!r}")
-        if self.kl_samples_per_prompt < 1:
-            raise ValueError(f"kl_samples_per_prompt must be >= 1, got {self.kl_samples_per_prompt}")
         positive("lam", self.lam)  # lam = 0 drops the KL term: an unregularized objective, not EXPO
 
     def loss_kwargs(self) -> dict:

@@ -26,8 +26,8 @@ from prefopt.objectives.expo import EXPOConfig, explicit_loss
 
 @dataclass
 class EXPORegConfig(EXPOConfig):
-    """Same fields, defaults and requirements as `expo` (lam, kl_estimator, kl_samples_per_prompt,
-    length_normalize)."""
+    """Same fields, defaults and requirements as `expo` (lam, length_normalize); the KL estimator is the
+    `kl` group's."""
 
 
 def squared_error(d: Tensor, p: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ FRONTIER_SWEEPS = [
     ["objective=dpo,ipo", "strength=0.05,0.5,5"],
     [
         "objective=expo",
-        "objective.kl_estimator=token",
+        "kl=token",
         "objective.length_normalize=true",
         "strength=0.03,0.3,3",
     ],
