@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -153,8 +153,8 @@ def _runs_own_reference(rc, run, source: Path, device) -> tuple[object, dict]:
             run.reference_fit["cache_key"],
             summary,
         )
-        rc.dataset.reference_fit.cache = False
-        run = prepare(rc, device)
+        uncached = replace(rc.dataset.reference_fit, cache=False)  # a new config: the run's stays as it was
+        run = prepare(replace(rc, dataset=replace(rc.dataset, reference_fit=uncached)), device)
     found = run.reference_fit["weights_sha256"]
     if expected is None:
         log.warning("%s records no digest of its fitted reference: it cannot be checked", summary)
