@@ -332,3 +332,38 @@ def test_the_linear_head_function_gives_autograds_logps_and_gradients(bias):
     torch.testing.assert_close(ours.double(), plain, rtol=0, atol=1e-6)  # fp32 out, like every lm_head
     for mine, theirs in zip(our_grads, gradients(plain.float())):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_the_linear_head_function_computes_logsumexp_as_torch_does_bit_for_bit():
+    """Its in-place log-sum-exp (max, subtract, exp, sum, log, add) is torch.logsumexp's own sequence of
+    steps, so with or without gradients the values equal the plain head's on the same chunks exactly."""
+    from prefopt.models.logps import _chunk_logps, token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False)
+    hidden, targets = torch.randn(37, 24) * 4, torch.randint(0, 300, (37,))
+    for chunk in (5, 37, 64):
+        pieces = zip(hidden.split(chunk), targets.split(chunk))
+        plain = torch.cat([_chunk_logps(head, h, t) for h, t in pieces]).detach()
+        with torch.no_grad():
+            assert torch.equal(token_logps(head, hidden, targets, chunk), plain)
+        assert torch.equal(token_logps(head, hidden.requires_grad_(), targets, chunk).detach(), plain)
+
+
+def test_under_bf16_autocast_the_linear_head_runs_in_bf16_with_fp32_gradients():
+    from prefopt.models.logps import _chunk_logps, token_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300)
+    hidden = torch.randn(37, 24, requires_grad=True)
+    targets = torch.randint(0, 300, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = token_logps(head, hidden, targets, 8)
+        plain = _chunk_logps(head, hidden, targets)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)  # both from bf16 logits
+    grads = torch.autograd.grad(ours.sum(), [hidden, head.weight, head.bias])
+    plain_grads = torch.autograd.grad(plain.sum(), [hidden, head.weight, head.bias])
+    for mine, theirs in zip(grads, plain_grads):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)  # bf16 matmuls, rounded apart

@@ -58,7 +58,8 @@ class LayoutConfig:
     share_prompts: bool = True  # packed: a prompt computed once for all its responses, where sdpa allows
     compile: bool = False  # torch.compile the decoder (dynamic shapes)
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, more time
-    logps_chunk_tokens: int = 256  # response tokens per lm_head chunk, so full (N, V) logits never coexist
+    lean_activations: bool = True  # MLPs and RMSNorms keep fewer activations for backward (same forward)
+    logps_chunk_tokens: int = 512  # response tokens per lm_head chunk, so full (N, V) logits never coexist
     reference_cache: bool = True  # reuse reference log-probs across runs (same weights, tokenizer, tokens)
 
     checks: ClassVar[dict[str, Check]] = {

@@ -4,12 +4,15 @@ options (gradient checkpointing, torch.compile) applied to the policy."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from prefopt.engine.distributed import device_for, init_from_environment
 from prefopt.optimizers import OPTIMIZERS
 from prefopt.training.seeding import seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def trainable_params(module) -> list:
@@ -29,8 +32,16 @@ def max_grad_norm(trainer) -> float:
 
 
 def speed_up(policy, trainer) -> None:
-    """trainer.layout.gradient_checkpointing (recompute each layer in backward) and trainer.layout.compile
-    (the decoder, in place, dynamic shapes: packed rows vary in length)."""
+    """trainer.layout.lean_activations (`prefopt.models.lean_layers`), .gradient_checkpointing (recompute
+    each layer in backward) and .compile (the decoder, in place, dynamic shapes: packed rows vary in
+    length)."""
+    if trainer.layout.lean_activations:
+        from prefopt.models.lean_layers import use_lean_layers
+
+        log.info(
+            "trainer.layout.lean_activations: %d MLPs and norms keep fewer activations",
+            use_lean_layers(policy),
+        )
     if trainer.layout.gradient_checkpointing:
         options = {"use_reentrant": False}
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
