@@ -93,6 +93,7 @@ def old_layout(raw: dict) -> dict:
     optimizer, layout, checkpoint = trainer["optimizer"], trainer["layout"], trainer["checkpoint"]
     flat |= {"optimizer": optimizer["name"], "fused_optimizer": optimizer["fused"]}
     flat |= {k: optimizer[k] for k in ("lr", "weight_decay", "adam_betas", "lr_schedule", "warmup_steps")}
+    layout = {k: v for k, v in layout.items() if k != "lean_activations"}  # new in this release
     flat |= {"max_grad_norm": optimizer["max_grad_norm"], **layout, **trainer["distributed"]}
     flat |= {"save_checkpoint": checkpoint["export"], "checkpoint_every_steps": checkpoint["every_steps"]}
     flat |= {"keep_last_checkpoints": checkpoint["keep_last"], "resume": checkpoint["resume"]}
@@ -116,8 +117,8 @@ def resolved(*overrides: str) -> dict:
 
 def test_the_old_layout_spelled_out_here_is_the_last_releases_default():
     """The literal above and `old_layout` of this release's defaults agree, key for key (the two halves of
-    the next test check each other)."""
-    assert old_layout(resolved())["trainer"] == OLD_TRAINER
+    the next test check each other). This release's chunk default is 512, the last one's 256."""
+    assert old_layout(resolved("trainer.layout.logps_chunk_tokens=256"))["trainer"] == OLD_TRAINER
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,7 @@ def test_the_old_layout_spelled_out_here_is_the_last_releases_default():
     ],
 )
 def test_an_old_config_is_read_as_the_same_config_in_the_new_layout(overrides):
-    new = resolved(*overrides)
+    new = resolved(*overrides, "trainer.layout.lean_activations=false")  # as every older run computed
     old = old_layout(new)
     moved = upgrade_config(old)
     assert old == new
@@ -233,14 +234,15 @@ def test_the_kl_estimator_keys_become_the_kl_group_and_its_option_in_any_order(c
 
 
 def test_an_old_expo_config_gets_its_kl_node_and_any_old_config_the_default():
-    new = resolved("objective=expo", "kl=token")
+    before_lean = "trainer.layout.lean_activations=false"  # an old config also gets lean activations off
+    new = resolved("objective=expo", "kl=token", before_lean)
     old = old_layout(new)
     assert "kl" not in old and old["objective"]["kl_estimator"] == "token"
     assert {"objective.kl_estimator", "objective.kl_samples_per_prompt"} <= set(upgrade_config(old))
     assert old == new and old["kl"] == {"name": "token"}
     dpo = old_layout(resolved())
     assert "kl" not in dpo and "objective.kl_estimator" not in upgrade_config(dpo)
-    assert dpo["kl"] == {"name": "exact"} and dpo == resolved()
+    assert dpo["kl"] == {"name": "exact"} and dpo == resolved(before_lean)
 
 
 def test_prefopt_train_with_the_old_kl_estimator_key_runs_with_that_estimator(tmp_path):
@@ -324,17 +326,24 @@ def test_an_old_checkpoint_resumes_and_old_keys_may_be_allowed_to_change(old_run
     from prefopt.errors import ConfigError
     from prefopt.training.resume import plan_resume
 
-    def plan(*overrides):
-        common = [*FAST, *FAST_MODEL, "trainer.max_steps=6", "trainer.checkpoint.every_steps=5"]
+    def plan(*overrides, lean="trainer.layout.lean_activations=false"):  # the old run's backward
+        common = [*FAST, *FAST_MODEL, "trainer.max_steps=6", "trainer.checkpoint.every_steps=5", lean]
         rc = load_run_config(compose_config(*common, f"trainer.checkpoint.resume={old_run}", *overrides))
         return plan_resume(rc, tmp_path)
 
     assert plan().checkpoint == checkpoint_dir(old_run, 6)
+    with pytest.raises(ConfigError, match=r"trainer\.layout\.lean_activations \(False -> True\)"):
+        plan(lean="trainer.layout.lean_activations=true")
     with pytest.raises(ConfigError, match=r"trainer\.optimizer\.lr"):
         plan("trainer.optimizer.lr=0.5")
     assert plan("trainer.optimizer.lr=0.5", "trainer.checkpoint.resume_allow_changes=[trainer.lr]").checkpoint
     assert plan(
         "dataset.reference_fit.max_kl=0.3", "trainer.checkpoint.resume_allow_changes=[trainer.reference_fit]"
     )
-    resumed = run_training(tmp_path, "trainer.max_steps=8", f"trainer.checkpoint.resume={old_run}")
+    resumed = run_training(
+        tmp_path,
+        "trainer.max_steps=8",
+        f"trainer.checkpoint.resume={old_run}",
+        "trainer.layout.lean_activations=false",
+    )
     assert resumed["status"] == "completed" and resumed["resumed_at"] == [6]

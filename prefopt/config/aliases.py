@@ -131,7 +131,8 @@ def upgrade_config(raw: dict) -> list[str]:
     """Move the old flat trainer keys and EXPO's KL keys of a resolved config (a plain dict, changed in
     place) to their new places and rename the keys its resume_allow_changes lists; returns the old keys it
     moved. A part-specific key whose part the run does not have (HPO's value head under another objective,
-    the reference fit on a dataset without a pi_ref) is dropped, as the old loop ignored it."""
+    the reference fit on a dataset without a pi_ref) is dropped, as the old loop ignored it. A trainer
+    layout from before `lean_activations` gets it off, as such a run computed."""
     moved = _upgrade_kl(raw)
     trainer = raw.get("trainer")
     if not isinstance(trainer, dict):
@@ -152,6 +153,8 @@ def upgrade_config(raw: dict) -> list[str]:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = value
+    if isinstance(trainer.get("layout"), dict):  # before the option, modules ran their own backward
+        trainer["layout"].setdefault("lean_activations", False)
     allowed = trainer.get("checkpoint", {}).get("resume_allow_changes")
     if isinstance(allowed, list):
         trainer["checkpoint"]["resume_allow_changes"] = [
