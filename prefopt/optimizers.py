@@ -16,5 +16,7 @@ def _rmsprop(groups, cfg, device):
     return torch.optim.RMSprop(groups)  # HPO's (lr and weight decay come from the groups)
 
 
-OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}  # trainer.optimizer.name -> (groups, cfg, device) -> opt
+# trainer.optimizer.name -> (groups, cfg, device) -> opt; each one's fresh state is all zeros (the loop
+# allocates it before the first step: `prefopt.training.setup.allocate_state`)
+OPTIMIZERS = {"adamw": _adamw, "rmsprop": _rmsprop}
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)  # what trainer.optimizer.name accepts (OptimizerConfig's check)

@@ -83,3 +83,43 @@ def test_compile_compiles_the_decoder_in_place_with_dynamic_shapes(tmp_path, mon
     )
     run_training(tmp_path, "trainer.max_steps=2", "trainer.layout.compile=true")
     assert compiled == [("LlamaModel", {"dynamic": True})]
+
+
+@pytest.mark.parametrize("name", ["adamw", "rmsprop"])
+def test_optimizer_state_allocated_before_the_first_step_changes_no_step(name):
+    """`allocate_state` (the loop runs it before step 1): the parameters stay bit for bit, the state exists
+    and is all zeros, and the next two real steps equal those of an optimizer that allocated lazily, with
+    weight decay on (which must not leak into RMSprop's squared averages)."""
+    from types import SimpleNamespace
+
+    from prefopt.optimizers import OPTIMIZERS
+    from prefopt.training.setup import allocate_state
+
+    def fresh():
+        torch.manual_seed(0)
+        module = torch.nn.Linear(6, 4)
+        groups = [{"params": list(module.parameters()), "lr": 0.1, "weight_decay": 0.01}]
+        cfg = SimpleNamespace(fused=None, adam_betas=[0.9, 0.999])
+        return module, OPTIMIZERS[name](groups, cfg, torch.device("cpu"))
+
+    def two_steps(module, optimizer):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            module(torch.randn(3, 6)).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in module.parameters()]
+
+    lazy_module, lazy = fresh()
+    eager_module, eager = fresh()
+    before = [p.detach().clone() for p in eager_module.parameters()]
+    allocate_state(eager, list(eager_module.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(eager_module.parameters(), before))
+    assert len(eager.state) == 2 and all(p.grad is None for p in eager_module.parameters())
+    assert all(not v.any() for state in eager.state.values() for v in state.values() if torch.is_tensor(v))
+    assert [g["lr"] for g in eager.param_groups] == [0.1] and eager.param_groups[0]["weight_decay"] == 0.01
+    for ours, theirs in zip(two_steps(eager_module, eager), two_steps(lazy_module, lazy)):
+        assert torch.equal(ours, theirs)
+    for key, state in eager.state.items():
+        lazy_state = lazy.state[next(q for q in lazy_module.parameters() if q.shape == key.shape)]
+        assert all(torch.equal(v, lazy_state[k]) for k, v in state.items() if torch.is_tensor(v))

@@ -56,7 +56,7 @@ def start(rc: RunConfig, run_dir: Path, device, tracker, plan) -> Loop:
     from prefopt.engine.prepare import prepare
     from prefopt.progress import quiet_library_progress_bars
     from prefopt.training.seeding import seed_everything
-    from prefopt.training.setup import autocast_for, build_optimizer, speed_up
+    from prefopt.training.setup import allocate_state, autocast_for, build_optimizer, speed_up
 
     quiet_library_progress_bars()
     run = prepare(rc, device)
@@ -72,6 +72,7 @@ def start(rc: RunConfig, run_dir: Path, device, tracker, plan) -> Loop:
         trainable, strategy_of(trainer), device, trainer.distributed.param_dtype
     )  # FSDP2 shards in place
     optimizer, params = build_optimizer(run.trainable, trainer, device)
+    allocate_state(optimizer, params)
     optimizer.zero_grad(set_to_none=True)
     scheduler = get_scheduler(
         trainer.optimizer.lr_schedule, optimizer, trainer.optimizer.warmup_steps, max_steps
