@@ -113,7 +113,15 @@ def test_optimizer_state_allocated_before_the_first_step_changes_no_step(name):
     lazy_module, lazy = fresh()
     eager_module, eager = fresh()
     before = [p.detach().clone() for p in eager_module.parameters()]
-    allocate_state(eager, list(eager_module.parameters()))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    counted = []
+    hook = register_optimizer_step_post_hook(lambda *args: counted.append(args))
+    try:
+        allocate_state(eager, list(eager_module.parameters()))
+    finally:
+        hook.remove()
+    assert counted == []  # not a training step for anything that counts steps
     assert all(torch.equal(p, q) for p, q in zip(eager_module.parameters(), before))
     assert len(eager.state) == 2 and all(p.grad is None for p in eager_module.parameters())
     assert all(not v.any() for state in eager.state.values() for v in state.values() if torch.is_tensor(v))

@@ -41,7 +41,13 @@ def allocate_state(optimizer, params: list) -> None:
         group["lr"], group["weight_decay"] = 0.0, 0.0
     for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer.step()
+    # the step itself, without the optimizer's step hooks: it is not a training step for anything that
+    # counts them (a scheduler's bookkeeping, a profiler, a benchmark's step clock)
+    unhooked = getattr(type(optimizer).step, "__wrapped__", None)
+    if unhooked is not None:
+        unhooked(optimizer)
+    else:
+        optimizer.step()
     for group, (lr, weight_decay) in zip(optimizer.param_groups, saved):
         group["lr"], group["weight_decay"] = lr, weight_decay
     optimizer.zero_grad(set_to_none=True)
