@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 TEMPLATES = [
@@ -35,17 +34,6 @@ TOPICS = [
 ]  # fmt: skip
 
 
-@dataclass
-class Sampling:
-    """What `prefopt.models.sampling.sample` reads."""
-
-    num_samples: int = 2
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-
-
 def questions(count: int, seed: int) -> list[str]:
     every = [t.format(topic) for t, topic in itertools.product(TEMPLATES, TOPICS)]
     if count > len(every):
@@ -59,6 +47,7 @@ def main(argv=None) -> None:
     from dpo_throughput import resolve_model  # benchmarks/ is on sys.path: this file runs as a script
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prefopt.config.schemas import GenerationConfig
     from prefopt.models.sampling import sample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +68,8 @@ def main(argv=None) -> None:
         tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"]
         for p in prompts
     ]
-    answers, _ = sample(model, tokenizer, ids, Sampling(max_new_tokens=args.max_new_tokens), "cpu", args.seed)
+    sampling = GenerationConfig(num_samples=2, max_new_tokens=args.max_new_tokens)  # what `sample` reads
+    answers, _ = sample(model, tokenizer, ids, sampling, "cpu", args.seed)
     rows = []
     for prompt, (first, second) in zip(prompts, answers):
         if first.strip() and second.strip() and first != second and len(rows) < args.pairs:
