@@ -59,7 +59,7 @@ class _GatedMLP(torch.autograd.Function):
             gate = F.linear(xc, weights[0], weights[1])
             up = F.linear(xc, weights[2], weights[3])
             out = F.linear(act(gate) * up, weights[4], weights[5])
-        ctx.activation, ctx.x_dtype, ctx.has_bias = activation, x.dtype, (gate_b, up_b, down_b)
+        ctx.activation, ctx.x_dtype, ctx.biases = activation, x.dtype, (gate_b, up_b, down_b)
         ctx.save_for_backward(xc, gate, up, gate_w, up_w, down_w)
         return out
 
@@ -83,7 +83,7 @@ class _GatedMLP(torch.autograd.Function):
                 d_x = (d_gate @ gate_w.to(dtype)).add_(d_up @ up_w.to(dtype)).to(ctx.x_dtype)
         biases = [
             None if b is None or d is None else d.to(b.dtype)
-            for b, d in zip(ctx.has_bias, (d_gate_b, d_up_b, d_down_b))
+            for b, d in zip(ctx.biases, (d_gate_b, d_up_b, d_down_b))
         ]
         return d_x, d_gate_w, biases[0], d_up_w, biases[1], d_down_w, biases[2], None
 
@@ -178,11 +178,8 @@ def use_lean_layers(model: nn.Module) -> int:
     module's own (a probe decides); the number of modules switched."""
     switched = 0
     for module in model.get_decoder().modules():
-        if getattr(module, "_own_forward", None) is not None:
-            switched += isinstance(module.forward, types.MethodType) and module.forward.__func__ in (
-                _lean_mlp_forward,
-                _lean_norm_forward,
-            )
+        if getattr(module, "_own_forward", None) is not None:  # switched before (kept only when switched)
+            switched += 1
             continue
         candidates = _candidates(module)
         if not candidates:
