@@ -187,8 +187,8 @@ Chat pairs: one user message, two assistant turns, of common words (one token ea
 """
 
 FILE_PAIRS = """
-Chat pairs (lengths `file`): the first rows of `{pairs}`, one user message and two assistant turns each,
-in file order; {shape.pairs_per_step} pairs per step.
+Chat pairs (lengths `file`): the first rows of `{pairs}`, a prompt conversation and two assistant answers
+each, in file order; {shape.pairs_per_step} pairs per step.
 """
 
 

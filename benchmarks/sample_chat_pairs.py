@@ -6,6 +6,10 @@ The questions are distinct (a template x a topic, shuffled with the seed), so no
 each answer is the model's own, sampled through its chat template and cut at its end of turn
 (`prefopt.models.sampling`), at most `--max-new-tokens` tokens. Which answer is "chosen" does not matter
 for throughput; the first sample is. Pairs whose two answers are equal or empty are skipped.
+
+With `--turns T`, a pair's prompt is a conversation the way HH-RLHF's are: 1 to T user turns (uniform,
+seeded), each earlier one answered by one sample of the model and followed by a follow-up question; the
+pair is two answers to the last.
 """
 
 from __future__ import annotations
@@ -34,12 +38,24 @@ TOPICS = [
 ]  # fmt: skip
 
 
+FOLLOW_UPS = [
+    "Can you give me an example?", "Why is that?", "What else should I know?",
+    "Can you make that shorter?", "What would you do first?", "Is there a common mistake to avoid?",
+]  # fmt: skip
+
+
 def questions(count: int, seed: int) -> list[str]:
     every = [t.format(topic) for t, topic in itertools.product(TEMPLATES, TOPICS)]
     if count > len(every):
         raise SystemExit(f"--pairs {count}: at most {len(every)} distinct questions")
     random.Random(seed).shuffle(every)
     return every[:count]
+
+
+def chat_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Each conversation through the chat template, ending in the assistant's generation prompt."""
+    render = lambda c: tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)  # noqa: E731
+    return [render(c)["input_ids"] for c in conversations]
 
 
 def main(argv=None) -> None:
@@ -54,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2", help="a local checkpoint dir or a conf/model preset")
     ap.add_argument("--pairs", type=int, default=96)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--turns", type=int, default=1, help="user turns per prompt: 1 to this many")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
@@ -64,10 +81,17 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     asked = questions(min(args.pairs * 2, len(TEMPLATES) * len(TOPICS)), args.seed)  # spares for skips
     prompts = [[{"role": "user", "content": q}] for q in asked]
-    ids = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"]
-        for p in prompts
-    ]
+    rng = random.Random(args.seed)
+    earlier_turns = [rng.randrange(args.turns) for _ in prompts]
+    one_answer = GenerationConfig(num_samples=1, max_new_tokens=args.max_new_tokens)
+    for depth in range(max(earlier_turns, default=0)):  # grow the conversations that go deeper
+        growing = [p for p, n in zip(prompts, earlier_turns) if n > depth]
+        seed = args.seed + depth + 1
+        replies, _ = sample(model, tokenizer, chat_ids(tokenizer, growing), one_answer, "cpu", seed)
+        for conversation, (reply,) in zip(growing, replies):
+            conversation.append({"role": "assistant", "content": reply.strip() or "I am not sure."})
+            conversation.append({"role": "user", "content": rng.choice(FOLLOW_UPS)})
+    ids = chat_ids(tokenizer, prompts)
     sampling = GenerationConfig(num_samples=2, max_new_tokens=args.max_new_tokens)  # what `sample` reads
     answers, _ = sample(model, tokenizer, ids, sampling, "cpu", args.seed)
     rows = []

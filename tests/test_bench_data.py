@@ -5,6 +5,7 @@ same rows in the same batches. Needs no trl."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -146,3 +147,33 @@ def test_chat_pairs_are_the_ids_prefopt_and_trl_give_the_real_smollm2_conversati
         assert got == [(pair.prompt, pair.chosen), (pair.prompt, pair.rejected)]
         for completion in (pair.chosen, pair.rejected):
             assert completion.count(end_of_turn) == 1 and completion[-2] == end_of_turn  # then "\n"
+
+
+def test_sampled_pairs_with_turns_are_conversations_answered_by_the_model(tmp_path):
+    """`sample_chat_pairs.py --turns 3`: each prompt is 1-3 user turns, user and assistant alternating and
+    ending with the user, every earlier answer the model's; the pair is two different answers to the last
+    turn. Seeded: the same arguments write the same file. `--turns 1` keeps one user message per prompt."""
+    from conftest import save_tiny_llama
+    from test_tokenization import bos_tokenizer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sample_chat_pairs
+
+    model = save_tiny_llama(tmp_path / "model", bos_tokenizer(chat_template=True))
+    common = ["--model", str(model), "--pairs", "12", "--max-new-tokens", "5", "--threads", "1"]
+
+    def written(name: str, *extra: str) -> list[dict]:
+        sample_chat_pairs.main([*common, *extra, "--out", str(tmp_path / name)])
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    deep = written("deep.jsonl", "--turns", "3")
+    assert written("again.jsonl", "--turns", "3") == deep
+    user_turns = []
+    for row in deep:
+        roles = [message["role"] for message in row["prompt"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
+        assert all(message["content"].strip() for message in row["prompt"])
+        user_turns.append(roles.count("user"))
+        assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+    assert set(user_turns) <= {1, 2, 3} and len(set(user_turns)) > 1
+    assert {len(row["prompt"]) for row in written("flat.jsonl")} == {1}
