@@ -57,7 +57,7 @@ reproduce: install
 	$(BIN)/python -m prefopt.research.reproduce --out $(OUT) logger=$(LOGGER)
 
 # the real-LM experiment (the DPO paper's sentiment reward-KL frontier) on SmolLM2-135M, offline, 2 CPU cores,
-# ~40 minutes; its section joins $(OUT)/REPORT.md
+# ~20 minutes (19 from a cold cache on a 2-core EPYC); its section joins $(OUT)/REPORT.md
 .PHONY: reproduce-real
 reproduce-real: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m prefopt.research.reproduce --out $(OUT) --only sentiment_frontier logger=$(LOGGER)
