@@ -52,15 +52,10 @@ def questions(count: int, seed: int) -> list[str]:
     return every[:count]
 
 
-def chat_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Each conversation through the chat template, ending in the assistant's generation prompt."""
-    render = lambda c: tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)  # noqa: E731
-    return [render(c)["input_ids"] for c in conversations]
-
-
 def main(argv=None) -> None:
     import torch
-    from dpo_throughput import resolve_model  # benchmarks/ is on sys.path: this file runs as a script
+    from dpo_data import chat_ids  # benchmarks/ is on sys.path: this file runs as a script
+    from dpo_throughput import resolve_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prefopt.config.schemas import GenerationConfig
@@ -81,17 +76,21 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     asked = questions(min(args.pairs * 2, len(TEMPLATES) * len(TOPICS)), args.seed)  # spares for skips
     prompts = [[{"role": "user", "content": q}] for q in asked]
+
+    def asking(conversations: list[list[dict]]) -> list[list[int]]:  # the ids up to the assistant's turn
+        return [chat_ids(tokenizer, c, generation_prompt=True) for c in conversations]
+
     rng = random.Random(args.seed)
     earlier_turns = [rng.randrange(args.turns) for _ in prompts]
     one_answer = GenerationConfig(num_samples=1, max_new_tokens=args.max_new_tokens)
     for depth in range(max(earlier_turns, default=0)):  # grow the conversations that go deeper
         growing = [p for p, n in zip(prompts, earlier_turns) if n > depth]
         seed = args.seed + depth + 1
-        replies, _ = sample(model, tokenizer, chat_ids(tokenizer, growing), one_answer, "cpu", seed)
+        replies, _ = sample(model, tokenizer, asking(growing), one_answer, "cpu", seed)
         for conversation, (reply,) in zip(growing, replies):
             conversation.append({"role": "assistant", "content": reply.strip() or "I am not sure."})
             conversation.append({"role": "user", "content": rng.choice(FOLLOW_UPS)})
-    ids = chat_ids(tokenizer, prompts)
+    ids = asking(prompts)
     sampling = GenerationConfig(num_samples=2, max_new_tokens=args.max_new_tokens)  # what `sample` reads
     answers, _ = sample(model, tokenizer, ids, sampling, "cpu", args.seed)
     rows = []
